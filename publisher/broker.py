@@ -1,0 +1,385 @@
+"""Publishing to RabbitMQ on one dedicated I/O thread, with pipelined publisher confirms.
+
+A pika connection belongs to one thread; other threads only append to the
+outbound queue and wake the I/O loop with `add_callback_threadsafe`, pika's one
+thread-safe call. Up to `window` messages are in flight at once; a message
+leaves the spool only when the broker acks it. When a connection or channel is
+lost, every unconfirmed message goes back to the front of the queue in its
+original order and is resent with the same id.
+
+Whether to retry is decided by exception class: a broker that cannot be
+reached is retried with tenacity's exponential backoff and jitter, while
+refused credentials, a denied vhost or an exchange declared with other settings
+stop the publisher with one line for the operator.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pika
+import pika.exceptions
+import pika.spec
+import tenacity
+
+from publisher.config import Settings
+from publisher.envelope import APP_ID, CONTENT_TYPE, OutgoingMessage
+from publisher.redact import redact_url
+from publisher.spool import Spool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_S = 15
+DEFAULT_WINDOW = 1000
+_FATAL_REPLY_CODES = frozenset({403, 406})  # ACCESS_REFUSED, PRECONDITION_FAILED
+
+Confirmed = Callable[[list[OutgoingMessage]], None]
+
+
+class BrokerFatalError(Exception):
+    """Retrying cannot help (credentials, permissions, conflicting topology)."""
+
+
+class BrokerUnavailableError(Exception):
+    """The broker could not be reached or dropped the connection; retried with backoff."""
+
+
+_FATAL_OPEN_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if not str(err) else text
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    if "heartbeat" not in parse_qs(urlsplit(url).query):
+        params.heartbeat = DEFAULT_HEARTBEAT_S
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": f"{APP_ID} publisher"}
+    return params
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        on_confirmed: Confirmed | None = None,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        self._urls = settings.amqp_urls
+        self._exchange = settings.exchange
+        self._unroutable = settings.unroutable_exchange
+        self._spool = spool
+        self._on_confirmed = on_confirmed
+        self._window = window
+
+        self._lock = threading.Condition()
+        self._outbound: collections.deque[OutgoingMessage] = collections.deque()
+        self._in_flight: dict[int, OutgoingMessage] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._fatal: str | None = None
+
+        # Owned by the I/O thread.
+        self._connection: Any = None
+        self._channel: Any = None
+        self._next_tag = 0
+        self._blocked = False
+        self._pump_scheduled = False
+        self._session_error: BaseException | None = None
+        self._url_index = 0
+        self._url = ""
+        self._was_ready_this_session = False
+        self._first_attempt_done = threading.Event()
+
+        self.published = 0
+        self.confirmed = 0
+        self.nacked = 0
+        self.returned = 0
+        self.reconnects = 0
+        self._thread = threading.Thread(target=self._run, name="amqp-io", daemon=True)
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_first_attempt(self, timeout: float) -> None:
+        """Waits for the first connection attempt to conclude.
+
+        Refused credentials raise BrokerFatalError here, before anything else starts; an
+        unreachable broker does not: events are spooled while it is retried.
+        """
+        self._first_attempt_done.wait(timeout)
+        if self._fatal is not None:
+            raise BrokerFatalError(self._fatal)
+
+    @property
+    def fatal(self) -> str | None:
+        return self._fatal
+
+    def submit(self, messages: Iterable[OutgoingMessage]) -> None:
+        with self._lock:
+            self._outbound.extend(messages)
+        self._wake()
+
+    def unconfirmed(self) -> int:
+        with self._lock:
+            return len(self._outbound) + len(self._in_flight)
+
+    def drain(self, timeout: float) -> bool:
+        """Waits until every submitted message is confirmed; False if time ran out."""
+        with self._lock:
+            return (
+                self._lock.wait_for(
+                    lambda: (not self._outbound and not self._in_flight) or self._fatal is not None,
+                    timeout,
+                )
+                and self._fatal is None
+            )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._call_soon(self._close_connection)
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        self._call_soon(self._pump)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            connection.ioloop.add_callback_threadsafe(callback)
+        except (pika.exceptions.AMQPError, RuntimeError, AttributeError) as err:
+            log.debug("I/O loop not accepting callbacks: %s", err)
+
+    # -- I/O thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for attempt in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(BrokerUnavailableError),
+                    wait=tenacity.wait_exponential_jitter(initial=0.5, max=30),
+                    stop=tenacity.stop_when_event_set(self._stop),
+                    sleep=self._sleep_unless_stopped,
+                    before_sleep=self._log_retry,
+                    reraise=True,
+                ):
+                    with attempt:
+                        self._session(self._next_url())
+            except BrokerFatalError as err:
+                self._fatal = str(err)
+                with self._lock:
+                    self._lock.notify_all()
+                return
+            except BrokerUnavailableError:
+                return  # stop was requested during backoff
+            finally:
+                self._first_attempt_done.set()
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _next_url(self) -> str:
+        url = self._urls[self._url_index % len(self._urls)]
+        self._url_index += 1
+        return url
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        err = outcome.exception() if outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning("broker unreachable: %s; retrying in %.1f s", err, delay)
+
+    def _session(self, url: str) -> None:
+        """Runs one connection until it closes. Returns normally if it was usable for a while,
+        so the next outage starts its backoff afresh."""
+        self._session_error = None
+        self._url = redact_url(url)
+        self._connection = pika.SelectConnection(
+            connection_parameters(url),
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+        )
+        self._connection.ioloop.start()
+        self._first_attempt_done.set()
+        error, self._session_error = self._session_error, None
+        if isinstance(error, BrokerFatalError):
+            raise error
+        if isinstance(error, BrokerUnavailableError) and not self._was_ready_this_session:
+            raise error
+        if error is not None and not self._stop.is_set():
+            self.reconnects += 1
+            log.warning("lost the broker at %s: %s; reconnecting", self._url, error)
+
+    def _on_connection_open(self, connection: Any) -> None:
+        self._was_ready_this_session = False
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
+        self._was_ready_this_session = False
+        if isinstance(err, _FATAL_OPEN_ERRORS):
+            self._session_error = BrokerFatalError(
+                f"broker at {self._url} refused the login: {_one_line(err)}"
+                " (check the user, password and vhost in --amqp-url)"
+            )
+        else:
+            self._session_error = BrokerUnavailableError(f"{self._url}: {_one_line(err)}")
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        self._channel = None
+        self._requeue_in_flight()
+        if self._session_error is None and not self._stop.is_set():
+            self._session_error = BrokerUnavailableError(_one_line(reason))
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self._channel = channel
+        self._next_tag = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.exchange_declare(
+            exchange=self._unroutable,
+            exchange_type="fanout",
+            durable=True,
+            callback=lambda _f: channel.queue_declare(
+                queue=self._unroutable, durable=True, callback=self._on_unroutable_queue
+            ),
+        )
+
+    def _on_unroutable_queue(self, _frame: Any) -> None:
+        channel = self._channel
+        channel.queue_bind(
+            queue=self._unroutable,
+            exchange=self._unroutable,
+            callback=lambda _f: channel.exchange_declare(
+                exchange=self._exchange,
+                exchange_type="topic",
+                durable=True,
+                arguments={"alternate-exchange": self._unroutable},
+                callback=lambda _f2: channel.confirm_delivery(
+                    ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode
+                ),
+            ),
+        )
+
+    def _on_confirm_mode(self, _frame: Any) -> None:
+        self._was_ready_this_session = True
+        log.info("connected to broker %s, exchange %r", self._url, self._exchange)
+        self._ready.set()
+        self._first_attempt_done.set()
+        self._pump()
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if self._channel is channel:
+            self._channel = None
+        self._requeue_in_flight()
+        code = getattr(reason, "reply_code", None)
+        if code in _FATAL_REPLY_CODES and not self._was_ready_this_session:
+            self._session_error = BrokerFatalError(
+                f"broker at {self._url} refused the topology for exchange {self._exchange!r}:"
+                f" {_one_line(reason)}"
+            )
+        elif self._session_error is None and not self._stop.is_set():
+            self._session_error = BrokerUnavailableError(f"channel closed: {_one_line(reason)}")
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _on_blocked(self, _connection: Any, _frame: Any) -> None:
+        self._blocked = True
+        log.warning("broker %s blocked publishing (resource alarm); holding messages", self._url)
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        self._blocked = False
+        log.info("broker %s unblocked publishing", self._url)
+        self._pump()
+
+    def _pump(self) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open or self._blocked or not self._ready.is_set():
+            return
+        room = self._window - len(self._in_flight)
+        if room <= 0:
+            return
+        with self._lock:
+            batch = [self._outbound.popleft() for _ in range(min(room, len(self._outbound)))]
+        for message in batch:
+            channel.basic_publish(
+                exchange=self._exchange,
+                routing_key=message.routing_key,
+                body=message.body,
+                properties=pika.BasicProperties(
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    message_id=message.id,
+                    timestamp=message.timestamp,
+                    type=message.type,
+                    app_id=APP_ID,
+                    headers=dict(message.headers),
+                ),
+                mandatory=True,
+            )
+            self._next_tag += 1
+            self._in_flight[self._next_tag] = message
+        self.published += len(batch)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag, multiple = method.delivery_tag, method.multiple
+        settled = [t for t in self._in_flight if t <= tag] if multiple else [tag]
+        messages = [self._in_flight.pop(t) for t in settled if t in self._in_flight]
+        if isinstance(method, pika.spec.Basic.Ack):
+            self._spool.remove(m.sequence for m in messages)
+            self.confirmed += len(messages)
+            if self._on_confirmed is not None:
+                self._on_confirmed(messages)
+        else:
+            self.nacked += len(messages)
+            log.warning("broker nacked %d message(s); resending", len(messages))
+            with self._lock:
+                self._outbound.extendleft(reversed(messages))
+        with self._lock:
+            self._lock.notify_all()
+        self._pump()
+
+    def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
+        self.returned += 1
+        log.warning(
+            "broker returned a message as unroutable (routing key %s): %s",
+            method.routing_key,
+            method.reply_text,
+        )
+
+    def _requeue_in_flight(self) -> None:
+        if not self._in_flight:
+            return
+        pending = [self._in_flight[t] for t in sorted(self._in_flight)]
+        self._in_flight.clear()
+        with self._lock:
+            self._outbound.extendleft(reversed(pending))
+
+    def _close_connection(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.close()
+        elif connection is not None and not connection.is_closing:
+            connection.ioloop.stop()

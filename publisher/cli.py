@@ -1,0 +1,190 @@
+"""The `virtpub` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from drivers.libvirt_domain import LibvirtDomainDriver
+from publisher import __version__
+from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
+from publisher.daemon import Daemon
+from publisher.demo import ConfirmedPrinter, Workload
+from publisher.envelope import OutgoingMessage
+from publisher.logs import setup_logging
+
+EXIT_CONFIG = 2
+
+_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+    click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="VIRTPUB_CONFIG",
+        help="TOML file with any of the settings below (keys in snake_case, e.g. amqp_url).",
+    ),
+    click.option(
+        "--libvirt-uri",
+        "libvirt_uri",
+        multiple=True,
+        help="libvirt connection to watch; repeat for several. [default: qemu:///system]",
+    ),
+    click.option(
+        "--amqp-url",
+        "amqp_url",
+        multiple=True,
+        help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
+        f" [default: {DEFAULTS['amqp_url'][0]}]",  # type: ignore[index]
+    ),
+    click.option(
+        "--exchange",
+        help="Topic exchange to publish to; created durable if missing."
+        f" [default: {DEFAULTS['exchange']}]",
+    ),
+    click.option(
+        "--host-id",
+        "host_id",
+        help="This host's name in routing keys and sources; made one topic segment"
+        " (characters other than letters, digits, '_' and '-' become '-')."
+        " [default: short hostname]",
+    ),
+    click.option(
+        "--state-dir",
+        "state_dir",
+        help=f"Where virtpub keeps its durable spool and state. [default: {DEFAULTS['state_dir']}]",
+    ),
+    click.option(
+        "--log-level",
+        "log_level",
+        help="debug, info, warning or error. [default: info]",
+    ),
+    click.option(
+        "--log-format",
+        "log_format",
+        help="text for people, json for log collectors. [default: text]",
+    ),
+]
+
+_SETTINGS_HELP = """
+Every option can also be set in the --config TOML file or as a VIRTPUB_<NAME>
+environment variable (VIRTPUB_AMQP_URL, VIRTPUB_LIBVIRT_URI, ...; several values
+separated by spaces); flags win over the environment, which wins over the file.
+"""
+
+
+def publisher_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_OPTIONS):
+        func = option(func)
+    return func
+
+
+def load_settings(config_path: Path | None, flags: dict[str, Any]) -> Settings:
+    """Resolves settings or exits 2 with one line per invalid value."""
+    try:
+        file_values = read_config_file(config_path) if config_path else None
+        return resolve(flags, os.environ, file_values)
+    except ConfigError as err:
+        for problem in err.problems:
+            click.echo(f"virtpub: invalid configuration: {problem}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="virtpub")
+def main() -> None:
+    """virtpub publishes what a hypervisor host does as versioned CloudEvents on a
+    RabbitMQ topic exchange: every libvirt domain event, routed by event type
+    (v1.<host_id>.domain.<event>[.<detail>]), after a capabilities message that says
+    what each backend of the host can emit.
+
+    \b
+    Start here:
+      virtpub demo              watch events flow from libvirt's built-in test driver
+      virtpub run               the daemon (see: virtpub run --help)
+    """
+
+
+@main.command(epilog=_SETTINGS_HELP)
+@publisher_options
+def run(config_path: Path | None, **flags: Any) -> None:
+    """Run the publisher daemon until SIGTERM or SIGINT.
+
+    It validates its configuration, connects to the broker (retrying while the broker
+    is unreachable, giving up at once on refused credentials), opens each libvirt
+    connection and subscribes to every domain event it accepts, announces the
+    capabilities message, then publishes each event with publisher confirms. Stopping
+    drains what is in flight; anything unconfirmed stays in the spool for the next start.
+
+    Exit codes: 0 stopped cleanly, 1 could not run (broker, libvirt, spool), 2 invalid
+    configuration.
+    """
+    settings = load_settings(config_path, flags)
+    sys.exit(_serve(settings))
+
+
+@main.command(epilog=_SETTINGS_HELP)
+@publisher_options
+@click.option(
+    "--cycles",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="How many workload cycles to run before stopping; 0 runs until Ctrl-C.",
+)
+@click.option(
+    "--pause",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="Seconds between two workload operations.",
+)
+def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> None:
+    """Publish a demo workload from libvirt's built-in test driver and print every
+    message the broker confirms.
+
+    Runs the real publisher on test:///default (an in-process hypervisor, no daemon
+    needed) while a workload defines, starts, pauses, resumes, destroys and undefines
+    domains on it, and creates and destroys a transient one. Needs a RabbitMQ broker
+    (default: the local one, guest/guest). Bind a queue to the exchange with
+    `v1.#` to see the same messages from another program.
+    """
+    if not flags["libvirt_uri"]:
+        flags["libvirt_uri"] = ("test:///default",)
+    settings = load_settings(config_path, flags)
+    printer = ConfirmedPrinter()
+    printer.start()
+    sys.exit(
+        _serve(
+            settings,
+            on_confirmed=printer.on_confirmed,
+            workload=lambda daemon, stop: Workload(daemon, cycles, pause, stop),
+        )
+    )
+
+
+def _serve(
+    settings: Settings,
+    on_confirmed: Callable[[list[OutgoingMessage]], None] | None = None,
+    workload: Callable[[Daemon, threading.Event], threading.Thread] | None = None,
+) -> int:
+    setup_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    drivers = [LibvirtDomainDriver(uri, settings.host_id) for uri in settings.libvirt_uris]
+    daemon = Daemon(settings, drivers, on_confirmed=on_confirmed)
+    if workload is not None:
+        workload(daemon, stop).start()
+    return daemon.run(stop)

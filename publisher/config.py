@@ -1,0 +1,218 @@
+"""Settings: defaults, then a TOML file, then VIRTPUB_* variables, then flags; validated whole.
+
+Everything is checked before anything connects, and every invalid value is
+reported as one line naming its key, so an operator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+
+from publisher.redact import redact_url
+
+ENV_PREFIX = "VIRTPUB_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+MULTI_VALUED = frozenset({"libvirt_uri", "amqp_url"})
+
+DEFAULTS: Mapping[str, object] = {
+    "libvirt_uri": ("qemu:///system",),
+    "amqp_url": ("amqp://guest:guest@localhost:5672/%2F",),
+    "exchange": "virt.events",
+    "host_id": None,
+    "state_dir": "/var/lib/virtpub",
+    "log_level": "info",
+    "log_format": "text",
+}
+
+_EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+_NOT_IN_SEGMENT = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class ConfigError(Exception):
+    """One or more invalid settings; `problems` holds one `key: what is wrong` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    libvirt_uris: tuple[str, ...]
+    amqp_urls: tuple[str, ...]
+    exchange: str
+    host_id: str
+    state_dir: Path
+    log_level: str
+    log_format: str
+
+    @property
+    def unroutable_exchange(self) -> str:
+        """The alternate exchange that keeps what no binding matched."""
+        return f"{self.exchange}.unroutable"
+
+
+def sanitize_host_id(raw: str) -> str:
+    """One topic segment: dots would split the routing key, `*`/`#` would be wildcards."""
+    return _NOT_IN_SEGMENT.sub("-", raw).strip("-")
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"config: file {str(path)!r} does not exist"]) from None
+    except OSError as err:
+        raise ConfigError([f"config: cannot read {str(path)!r}: {err.strerror}"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"config: {str(path)!r} is not valid TOML: {err}"]) from None
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            [
+                f"config: unknown key {key!r} in {str(path)!r} (known: {', '.join(DEFAULTS)})"
+                for key in unknown
+            ]
+        )
+    return data
+
+
+def from_environment(env: Mapping[str, str]) -> dict[str, object]:
+    """VIRTPUB_AMQP_URL etc.; multi-valued settings take several values separated by spaces."""
+    values: dict[str, object] = {}
+    for key in DEFAULTS:
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw is None or raw == "":
+            continue
+        values[key] = tuple(raw.replace(",", " ").split()) if key in MULTI_VALUED else raw
+    return values
+
+
+def resolve(
+    flags: Mapping[str, object | None],
+    env: Mapping[str, str],
+    file_values: Mapping[str, object] | None = None,
+) -> Settings:
+    """Merges the layers (later wins) and validates the result."""
+    merged: dict[str, object] = dict(DEFAULTS)
+    for layer in (file_values or {}, from_environment(env)):
+        merged.update(layer)
+    merged.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    return validate(merged)
+
+
+def validate(values: Mapping[str, object]) -> Settings:
+    problems: list[str] = []
+
+    def text(key: str) -> str:
+        value = values.get(key)
+        if not isinstance(value, str):
+            problems.append(f"{key}: must be a string, got {type(value).__name__}")
+            return ""
+        return value
+
+    def many(key: str) -> tuple[str, ...]:
+        value = values.get(key)
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            problems.append(f"{key}: must be a string or a list of strings")
+            return ()
+        if not items:
+            problems.append(f"{key}: at least one value is required")
+        return tuple(items)
+
+    libvirt_uris = many("libvirt_uri")
+    for uri in libvirt_uris:
+        if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri):
+            problems.append(f"libvirt_uri: {redact_url(uri)!r} is not a URI (e.g. qemu:///system)")
+
+    amqp_urls = many("amqp_url")
+    for url in amqp_urls:
+        problem = amqp_url_problem(url)
+        if problem:
+            problems.append(f"amqp_url: {redact_url(url)!r} {problem}")
+
+    exchange = text("exchange")
+    if exchange and not _EXCHANGE_NAME.fullmatch(exchange):
+        problems.append(
+            f"exchange: {exchange!r} must be 1-200 letters, digits or '_', '-', '.', ':'"
+        )
+    elif exchange.startswith("amq."):
+        problems.append(f"exchange: {exchange!r} is reserved by the broker (amq.* names)")
+
+    raw_host = values.get("host_id")
+    host_source = socket.gethostname().split(".")[0] if raw_host is None else raw_host
+    host_id = ""
+    if not isinstance(host_source, str):
+        problems.append("host_id: must be a string")
+    else:
+        host_id = sanitize_host_id(host_source)
+        if not host_id:
+            problems.append(f"host_id: {host_source!r} has no letters or digits to use")
+
+    state_dir = Path(text("state_dir") or ".")
+    problem = writable_dir_problem(state_dir)
+    if problem:
+        problems.append(f"state_dir: {str(state_dir)!r} {problem}")
+
+    log_level = text("log_level").lower()
+    if log_level not in LOG_LEVELS:
+        problems.append(f"log_level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_format = text("log_format").lower()
+    if log_format not in LOG_FORMATS:
+        problems.append(f"log_format: {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        libvirt_uris=libvirt_uris,
+        amqp_urls=amqp_urls,
+        exchange=exchange,
+        host_id=host_id,
+        state_dir=state_dir,
+        log_level=log_level,
+        log_format=log_format,
+    )
+
+
+def amqp_url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as err:
+        return f"does not parse: {err}"
+    if parts.scheme not in ("amqp", "amqps"):
+        return f"must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}"
+    if not parts.hostname:
+        return "names no host"
+    try:
+        pika.URLParameters(url)
+    except (ValueError, TypeError, pika.exceptions.AMQPError) as err:
+        return f"has an invalid option: {' '.join(str(err).split())}"
+    return None
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """Whether virtpub could create (if needed) and write `path`, checked without creating it."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "cannot be created"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"cannot be created: {str(probe)!r} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"is not writable ({str(probe)!r} denies write access)"
+    return None

@@ -1,0 +1,145 @@
+"""The one place that knows CloudEvents attributes, routing keys and AMQP properties.
+
+Messages are CloudEvents 1.0 in structured mode: the whole event, attributes and
+data, is one JSON body with content type `application/cloudevents+json`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from publisher import schemas
+from publisher.event import DomainEvent, JSONValue
+
+CONTENT_TYPE = "application/cloudevents+json"
+TYPE_PREFIX = "org.virtpub."
+APP_ID = "virtpub"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message ready for the broker; resends reuse it whole, so `id` never changes."""
+
+    sequence: int
+    id: str
+    routing_key: str
+    type: str
+    timestamp: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def rfc3339(epoch: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    )
+
+
+def routing_key(major: int, host_id: str, entity: str, event: str, detail: str | None) -> str:
+    """`v<major>.<host_id>.<entity>.<event>[.<detail>]`; every part is one topic segment."""
+    parts = [f"v{major}", host_id, entity, event]
+    if detail:
+        parts.append(detail)
+    return ".".join(parts)
+
+
+class Envelope:
+    """Builds the messages of one publisher (one host id)."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self.publisher_source = f"virtpub://{host_id}/publisher"
+
+    def domain_event(self, event: DomainEvent, sequence: int) -> OutgoingMessage:
+        domain: dict[str, JSONValue] = {"uuid": event.domain.uuid, "name": event.domain.name}
+        if event.domain.id is not None:
+            domain["id"] = event.domain.id
+        codes: dict[str, JSONValue] = {"event_id": event.codes.event_id}
+        if event.codes.event is not None:
+            codes["event"] = event.codes.event
+        if event.codes.detail is not None:
+            codes["detail"] = event.codes.detail
+        data: dict[str, JSONValue] = {
+            "domain": domain,
+            "event": event.event,
+            "detail": event.detail,
+            "codes": codes,
+            "origin": event.origin,
+            "info": dict(event.info),
+        }
+        return self._message(
+            schema=schemas.info(schemas.DOMAIN_EVENT),
+            entity="domain",
+            event=event.event,
+            detail=event.detail,
+            source=event.backend,
+            subject=event.domain.uuid,
+            data=data,
+            sequence=sequence,
+            received_at=event.received_at,
+        )
+
+    def publisher_event(
+        self, event: str, data: dict[str, JSONValue], sequence: int, received_at: float
+    ) -> OutgoingMessage:
+        return self._message(
+            schema=schemas.info(f"publisher-{event}"),
+            entity="publisher",
+            event=event,
+            detail=None,
+            source=self.publisher_source,
+            subject=self.host_id,
+            data=data,
+            sequence=sequence,
+            received_at=received_at,
+        )
+
+    def _message(
+        self,
+        *,
+        schema: schemas.SchemaInfo,
+        entity: str,
+        event: str,
+        detail: str | None,
+        source: str,
+        subject: str,
+        data: dict[str, JSONValue],
+        sequence: int,
+        received_at: float,
+    ) -> OutgoingMessage:
+        message_id = str(uuid.uuid4())
+        ce_type = f"{TYPE_PREFIX}{entity}.{event}"
+        body = {
+            "specversion": "1.0",
+            "id": message_id,
+            "source": source,
+            "type": ce_type,
+            "subject": subject,
+            "time": rfc3339(received_at),
+            "datacontenttype": "application/json",
+            "dataschema": schema.uri,
+            "sequence": sequence,
+            "data": data,
+        }
+        headers = {
+            "host_id": self.host_id,
+            "entity": entity,
+            "event": event,
+            "schema": schema.name,
+            "schema_version": schema.version,
+        }
+        if detail:
+            headers["detail"] = detail
+        return OutgoingMessage(
+            sequence=sequence,
+            id=message_id,
+            routing_key=routing_key(schema.major, self.host_id, entity, event, detail),
+            type=ce_type,
+            timestamp=int(received_at),
+            headers=headers,
+            body=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+        )

@@ -1,0 +1,58 @@
+"""Immutable event values handed from signal sources to the publisher.
+
+A driver's callback runs on a foreign thread (libvirt's event loop, watchdog's
+observer); it builds one of these from primitive values it copied and hands it
+off. Everything after that point works on these values only, so nothing
+downstream ever reaches back into libvirt for data that may already be gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeAlias
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRef:
+    """Who an event is about. `id` is the hypervisor's runtime id, None when not running."""
+
+    uuid: str
+    name: str
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Codes:
+    """libvirt's raw numeric codes, kept so consumers can act on values this build cannot name."""
+
+    event_id: int
+    event: int | None = None
+    detail: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """One domain signal, normalized.
+
+    `event` and `detail` are lowercase names taken from libvirt's own constants
+    (`stopped`/`destroyed`, `rtc_change`/None); a code this build cannot name is
+    rendered as `unknown_<code>` so it is still published and routable.
+    `info` carries the fields specific to the event ID.
+    """
+
+    backend: str
+    event: str
+    detail: str | None
+    domain: DomainRef
+    codes: Codes
+    origin: str
+    received_at: float
+    info: Mapping[str, JSONValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.info, MappingProxyType):
+            object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
