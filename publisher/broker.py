@@ -141,6 +141,8 @@ class Broker:
 
     def drain(self, timeout: float) -> bool:
         """Waits until every submitted message is confirmed; False if time ran out."""
+        if not self._thread.is_alive():
+            return self.unconfirmed() == 0
         with self._lock:
             return (
                 self._lock.wait_for(
@@ -153,7 +155,8 @@ class Broker:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._call_soon(self._close_connection)
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     def _wake(self) -> None:
         self._call_soon(self._pump)
@@ -174,7 +177,7 @@ class Broker:
             try:
                 for attempt in tenacity.Retrying(
                     retry=tenacity.retry_if_exception_type(BrokerUnavailableError),
-                    wait=tenacity.wait_exponential_jitter(initial=0.5, max=30),
+                    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30),
                     stop=tenacity.stop_when_event_set(self._stop),
                     sleep=self._sleep_unless_stopped,
                     before_sleep=self._log_retry,

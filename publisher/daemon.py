@@ -73,13 +73,15 @@ class Daemon:
         if leftovers:
             log.info("resending %d message(s) left in the spool", len(leftovers))
         broker.submit(leftovers)
-        broker.start()
         started: list[Driver] = []
         try:
-            broker.wait_first_attempt(FIRST_CONNECT_WAIT_S)
+            # Backends first: events that arrive while the broker is still being reached
+            # wait in the queue, behind the capabilities message appended below.
             for driver in self.drivers:
                 driver.start(self.accept)
                 started.append(driver)
+            broker.start()
+            broker.wait_first_attempt(FIRST_CONNECT_WAIT_S)
             self._publish([self._capabilities()], spool, broker)
             self.started.set()
             self._loop(stop, spool, broker)

@@ -1,0 +1,206 @@
+"""Shared fixtures: the real RabbitMQ at 127.0.0.1:5672, an exchange per test, a consumer,
+and an in-process publisher.
+
+Integration tests never skip: a missing broker or libvirtd is a failure with a
+message that says how to start it (`bash .ci/run` sets both up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pika
+import pytest
+
+from drivers.libvirt_domain import LibvirtDomainDriver
+from publisher import schemas
+from publisher.config import Settings
+from publisher.daemon import Daemon
+
+AMQP_URL = os.environ.get("VIRTPUB_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+HOST_ID = "testhost"
+
+
+def require_port(host: str, port: int, what: str) -> None:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as err:
+        pytest.fail(f"{what} is not reachable at {host}:{port} ({err}); run `bash .ci/run`")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    require_port("127.0.0.1", 5672, "RabbitMQ")
+    return AMQP_URL
+
+
+@pytest.fixture
+def exchange(amqp_url: str) -> Iterator[str]:
+    """A fresh exchange name; the exchange, its alternate exchange and queue are deleted after."""
+    name = f"virtpub-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.exchange_delete(name)
+    channel.exchange_delete(f"{name}.unroutable")
+    channel.queue_delete(f"{name}.unroutable")
+    connection.close()
+
+
+@dataclass
+class Received:
+    routing_key: str
+    properties: Any
+    body: dict[str, Any]
+    raw: bytes
+
+
+@dataclass
+class Consumer:
+    """A queue bound to the exchange before the publisher starts, read from the test thread."""
+
+    url: str
+    exchange: str
+    bindings: tuple[str, ...] = ("#",)
+    messages: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        self._channel = self._connection.channel()
+        self._channel.exchange_declare(
+            self.exchange,
+            "topic",
+            durable=True,
+            arguments={"alternate-exchange": f"{self.exchange}.unroutable"},
+        )
+        self.queue = self._channel.queue_declare("", exclusive=True).method.queue
+        for binding in self.bindings:
+            self._channel.queue_bind(self.queue, self.exchange, routing_key=binding)
+
+    def collect(
+        self, until: Callable[[list[Received]], bool], timeout: float = 15.0
+    ) -> list[Received]:
+        """Reads messages until `until(messages)` holds; fails the test on timeout."""
+        deadline = time.monotonic() + timeout
+        while not until(self.messages):
+            if time.monotonic() > deadline:
+                keys = [m.routing_key for m in self.messages]
+                pytest.fail(f"timed out after {timeout} s; received {len(keys)}: {keys}")
+            method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self._connection.sleep(0.02)
+                continue
+            self.messages.append(Received(method.routing_key, properties, json.loads(body), body))
+        return self.messages
+
+    def quiet(self, seconds: float = 0.5) -> list[Received]:
+        """Reads whatever arrives within `seconds` (to prove nothing more comes)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self._connection.sleep(0.02)
+                continue
+            self.messages.append(Received(method.routing_key, properties, json.loads(body), body))
+        return self.messages
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+
+@pytest.fixture
+def consumer_factory(amqp_url: str, exchange: str) -> Iterator[Callable[..., Consumer]]:
+    made: list[Consumer] = []
+
+    def make(*bindings: str) -> Consumer:
+        consumer = Consumer(amqp_url, exchange, bindings or ("#",))
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        consumer.close()
+
+
+def make_settings(
+    amqp_url: str, exchange: str, state_dir: Path, *libvirt_uris: str, host_id: str = HOST_ID
+) -> Settings:
+    return Settings(
+        libvirt_uris=libvirt_uris or ("test:///default",),
+        amqp_urls=(amqp_url,),
+        exchange=exchange,
+        host_id=host_id,
+        state_dir=state_dir,
+        log_level="info",
+        log_format="text",
+    )
+
+
+class RunningPublisher:
+    """A publisher running in this process, so a test can drive `test:///default` through
+    the very connection the driver watches (each such connection is a separate host)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.drivers = [LibvirtDomainDriver(uri, settings.host_id) for uri in settings.libvirt_uris]
+        self.daemon = Daemon(settings, self.drivers)
+        self.stop_event = threading.Event()
+        self.exit_code: int | None = None
+        self._thread = threading.Thread(target=self._run, name="test-publisher", daemon=True)
+        self._thread.start()
+        if not self.daemon.started.wait(20):
+            self.stop()
+            pytest.fail(f"publisher did not start (exit code {self.exit_code})")
+
+    def _run(self) -> None:
+        self.exit_code = self.daemon.run(self.stop_event)
+
+    @property
+    def conn(self) -> Any:
+        return self.drivers[0].connection
+
+    def stop(self) -> int | None:
+        self.stop_event.set()
+        self._thread.join(30)
+        return self.exit_code
+
+
+@pytest.fixture
+def publisher_factory(
+    amqp_url: str, exchange: str, tmp_path: Path
+) -> Iterator[Callable[..., RunningPublisher]]:
+    running: list[RunningPublisher] = []
+
+    def start(*libvirt_uris: str, state_dir: Path | None = None) -> RunningPublisher:
+        settings = make_settings(amqp_url, exchange, state_dir or tmp_path / "state", *libvirt_uris)
+        publisher = RunningPublisher(settings)
+        running.append(publisher)
+        return publisher
+
+    yield start
+    for publisher in running:
+        assert publisher.stop() == 0
+
+
+def validator(schema_name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(
+        schemas.info(schema_name).load(), format_checker=jsonschema.FormatChecker()
+    )
+
+
+def assert_valid(message: Received) -> None:
+    """Validates a received message against the schema its `dataschema` names."""
+    name = message.body["dataschema"].split(":")[3]
+    errors = sorted(validator(name).iter_errors(message.body), key=str)
+    assert not errors, f"{message.routing_key}: {[e.message for e in errors]}"

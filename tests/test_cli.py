@@ -1,0 +1,188 @@
+"""The `virtpub` command as an operator meets it: real processes, real broker, real signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from publisher.config import sanitize_host_id
+from tests.conftest import Consumer
+
+VIRTPUB = [sys.executable, "-m", "publisher"]
+
+
+def virtpub(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VIRTPUB, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line or "invalid" in line]
+
+
+def test_help_explains_every_option() -> None:
+    result = virtpub("run", "--help")
+    assert result.returncode == 0
+    for option in (
+        "--config",
+        "--libvirt-uri",
+        "--amqp-url",
+        "--exchange",
+        "--host-id",
+        "--state-dir",
+        "--log-level",
+        "--log-format",
+        "VIRTPUB_",
+    ):
+        assert option in result.stdout, option
+    top = virtpub("--help")
+    assert top.returncode == 0 and "demo" in top.stdout and "run" in top.stdout
+
+
+def test_wrong_credentials_give_one_line_and_exit_1(tmp_path: Path, exchange: str) -> None:
+    started = time.monotonic()
+    result = virtpub(
+        "run",
+        "--amqp-url",
+        "amqp://guest:wrongsecret@127.0.0.1:5672/%2F",
+        "--libvirt-uri",
+        "test:///default",
+        "--exchange",
+        exchange,
+        "--state-dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 1
+    assert time.monotonic() - started < 15, "credentials are not worth retrying"
+    (line,) = error_lines(result.stderr)
+    assert "refused the login" in line
+    assert "wrongsecret" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bogus_libvirt_uri_gives_one_line_and_exit_1(tmp_path: Path, exchange: str) -> None:
+    result = virtpub(
+        "run", "--libvirt-uri", "bogus:///", "--exchange", exchange, "--state-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert "bogus:///" in line and "libvirt" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_configuration_names_each_key_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "virtpub.toml"
+    config.write_text('exchange = "has space"\nlog_level = "loud"\n')
+    result = virtpub(
+        "run",
+        "--config",
+        str(config),
+        "--amqp-url",
+        "http://u:topsecret@example/",
+        "--state-dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert [line.split(": ")[2] for line in lines] == ["amqp_url", "exchange", "log_level"]
+    assert "topsecret" not in result.stderr
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "virtpub.toml"
+    config.write_text('amqp_uri = "amqp://localhost/"\n')
+    result = virtpub("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown key 'amqp_uri'" in result.stderr
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*VIRTPUB, "run", "--libvirt-uri", "test:///default", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_exit_0(
+    signum: signal.Signals,
+    tmp_path: Path,
+    exchange: str,
+    consumer_factory: Callable[..., Consumer],
+) -> None:
+    consumer = consumer_factory("#")
+    process = _start("--exchange", exchange, "--state-dir", str(tmp_path))
+    try:
+        consumer.collect(lambda m: len(m) >= 1)
+    finally:
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "stopped: 1 published, 1 confirmed, 0 left in the spool" in stderr
+
+
+def test_unreachable_broker_is_retried_and_nothing_accepted_is_lost(
+    tmp_path: Path, exchange: str, consumer_factory: Callable[..., Consumer]
+) -> None:
+    consumer = consumer_factory("#")
+    down = _start(
+        "--amqp-url", "amqp://guest:guest@127.0.0.1:1/", "--exchange", exchange,
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    time.sleep(4)
+    assert down.poll() is None, "an unreachable broker must be retried, not fatal"
+    down.send_signal(signal.SIGTERM)
+    _, stderr = down.communicate(timeout=30)
+    assert down.returncode == 0
+    assert "broker unreachable" in stderr and "retrying in" in stderr
+    assert "1 left in the spool" in stderr
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as db:
+        assert db.execute("SELECT routing_key FROM messages").fetchall() == [
+            (f"v1.{_default_host_id()}.publisher.capabilities",)
+        ]
+
+    # The next start, with the broker reachable, sends what was spooled first.
+    up = _start("--exchange", exchange, "--state-dir", str(tmp_path))
+    try:
+        messages = consumer.collect(lambda m: len(m) >= 2)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=30)
+    assert [m.body["sequence"] for m in messages] == [1, 2]
+    assert all(m.routing_key.endswith("publisher.capabilities") for m in messages)
+
+
+def _default_host_id() -> str:
+    return sanitize_host_id(socket.gethostname().split(".")[0])
+
+
+def test_demo_prints_what_the_broker_confirmed(tmp_path: Path, exchange: str) -> None:
+    result = virtpub(
+        "demo", "--cycles", "1", "--pause", "0", "--exchange", exchange,
+        "--state-dir", str(tmp_path), "--host-id", "demohost",
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    keys = [line.split()[2] for line in result.stdout.splitlines()]
+    assert keys == [
+        "v1.demohost.publisher.capabilities",
+        "v1.demohost.domain.defined.added",
+        "v1.demohost.domain.started.booted",
+        "v1.demohost.domain.suspended.paused",
+        "v1.demohost.domain.resumed.unpaused",
+        "v1.demohost.domain.stopped.destroyed",
+        "v1.demohost.domain.undefined.removed",
+        "v1.demohost.domain.started.booted",
+        "v1.demohost.domain.stopped.destroyed",
+    ]

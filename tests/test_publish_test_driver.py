@@ -1,0 +1,207 @@
+"""End to end against the real RabbitMQ with libvirt's in-process `test:///default` driver."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+import pika
+from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
+from cloudevents.core.formats.json import JSONFormat
+
+from publisher.envelope import CONTENT_TYPE
+from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
+
+DOMAIN_XML = """<domain type='test'>
+  <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>"""
+
+
+def domain_xml(name: str) -> tuple[str, str]:
+    dom_uuid = str(uuid.uuid4())
+    return DOMAIN_XML.format(name=name, uuid=dom_uuid), dom_uuid
+
+
+def keys_for(messages: list[Received], dom_uuid: str) -> list[str]:
+    return [m.routing_key for m in messages if m.body.get("subject") == dom_uuid]
+
+
+def count_for(dom_uuid: str, n: int) -> Callable[[list[Received]], bool]:
+    return lambda messages: len(keys_for(messages, dom_uuid)) >= n
+
+
+def test_persistent_lifecycle_is_published_in_order_after_capabilities(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("#")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-persistent")
+    dom = publisher.conn.defineXML(xml)
+    dom.create()
+    dom.suspend()
+    dom.resume()
+    dom.destroy()
+    dom.undefine()
+
+    messages = consumer.collect(count_for(dom_uuid, 6))
+    assert messages[0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
+    assert keys_for(messages, dom_uuid) == [
+        f"v1.{HOST_ID}.domain.defined.added",
+        f"v1.{HOST_ID}.domain.started.booted",
+        f"v1.{HOST_ID}.domain.suspended.paused",
+        f"v1.{HOST_ID}.domain.resumed.unpaused",
+        f"v1.{HOST_ID}.domain.stopped.destroyed",
+        f"v1.{HOST_ID}.domain.undefined.removed",
+    ]
+    sequences = [m.body["sequence"] for m in messages]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    for message in messages:
+        assert_valid(message)
+    started = next(m for m in messages if m.routing_key.endswith("started.booted"))
+    assert started.body["data"]["domain"] == {
+        "uuid": dom_uuid,
+        "name": "vm-persistent",
+        "id": started.body["data"]["domain"]["id"],
+    }
+    assert started.body["data"]["codes"] == {"event_id": 0, "event": 2, "detail": 0}
+    stopped = next(m for m in messages if m.routing_key.endswith("stopped.destroyed"))
+    assert "id" not in stopped.body["data"]["domain"] or stopped.body["data"]["domain"]["id"] >= 0
+
+
+def test_transient_create_and_destroy(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("v1.*.domain.#")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-transient")
+    publisher.conn.createXML(xml, 0).destroy()
+
+    messages = consumer.collect(count_for(dom_uuid, 2))
+    assert keys_for(messages, dom_uuid) == [
+        f"v1.{HOST_ID}.domain.started.booted",
+        f"v1.{HOST_ID}.domain.stopped.destroyed",
+    ]
+    assert all(m.body["data"]["origin"] == "libvirt" for m in messages)
+
+
+def test_amqp_properties_and_cloudevents_binding(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("#")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-props")
+    publisher.conn.defineXML(xml)
+
+    messages = consumer.collect(count_for(dom_uuid, 1))
+    for message in messages:
+        props = message.properties
+        assert props.content_type == CONTENT_TYPE
+        assert props.delivery_mode == 2
+        assert props.app_id == "virtpub"
+        assert props.message_id == message.body["id"]
+        assert props.type == message.body["type"]
+        assert abs(props.timestamp - _epoch(message.body["time"])) <= 1
+        assert props.headers["host_id"] == HOST_ID
+        assert props.headers["schema_version"] == message.body["dataschema"].rsplit(":", 1)[1]
+        event = from_rabbitmq(
+            RabbitMQMessage(headers={}, content_type=props.content_type, body=message.raw),
+            JSONFormat(),
+        )
+        assert event.get_id() == message.body["id"]
+        assert event.get_type() == message.body["type"]
+    defined = messages[-1]
+    assert defined.properties.headers["event"] == "defined"
+    assert defined.body["type"] == "org.virtpub.domain.defined"
+    assert defined.body["source"] == publisher.drivers[0].backend
+
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_bindings_select_exactly_what_they_name(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    everything = consumer_factory("#")
+    stops = consumer_factory("v1.*.domain.stopped.#")
+    this_host = consumer_factory(f"v1.{HOST_ID}.#")
+    other_host = consumer_factory("v1.otherhost.#")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-bindings")
+    dom = publisher.conn.defineXML(xml)
+    dom.create()
+    dom.destroy()
+
+    everything.collect(count_for(dom_uuid, 3))
+    assert keys_for(stops.collect(count_for(dom_uuid, 1)), dom_uuid) == [
+        f"v1.{HOST_ID}.domain.stopped.destroyed"
+    ]
+    assert [m.routing_key for m in this_host.collect(count_for(dom_uuid, 3))] == [
+        m.routing_key for m in everything.messages
+    ]
+    assert other_host.quiet(0.5) == []
+
+
+def test_capabilities_name_every_event_type_from_the_probe(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("v1.*.publisher.capabilities")
+    publisher_factory()
+    (message,) = consumer.collect(lambda m: len(m) >= 1)
+    assert_valid(message)
+    data = message.body["data"]
+    assert data["host_id"] == HOST_ID
+    assert data["schemas"]["domain-event"].startswith("1.")
+    (backend,) = data["backends"]
+    assert backend["uri"] == "test:///default"
+    assert backend["hypervisor"]["type"] == "TEST"
+    events = backend["events"]
+    for name in ("defined", "undefined", "started", "stopped", "reboot", "block_job", "io_error"):
+        assert events[name]["status"] == "native", name
+    # The superseded IDs are not separate event types.
+    assert "block_job_2" not in events and "io_error_reason" not in events
+
+
+def test_sequence_continues_across_restarts(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("#")
+    first = publisher_factory()
+    first.conn.defineXML(domain_xml("vm-restart")[0])
+    consumer.collect(lambda m: len(m) >= 2)
+    assert first.stop() == 0
+    publisher_factory()
+    messages = consumer.collect(lambda m: len(m) >= 3)
+    assert [m.body["sequence"] for m in messages] == [1, 2, 3]
+    assert messages[2].routing_key.endswith("publisher.capabilities")
+
+
+def test_unroutable_messages_are_kept_in_the_alternate_exchange_queue(
+    amqp_url: str, exchange: str, publisher_factory: Callable[..., RunningPublisher]
+) -> None:
+    publisher = publisher_factory()  # nothing is bound to the exchange
+    publisher.conn.defineXML(domain_xml("vm-unroutable")[0])
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    try:
+        kept = 0
+        for _ in range(200):
+            kept = channel.queue_declare(
+                f"{exchange}.unroutable", passive=True
+            ).method.message_count
+            if kept >= 2:
+                break
+            connection.sleep(0.05)
+        assert kept == 2  # the capabilities message and the defined event
+    finally:
+        connection.close()
+    assert publisher.daemon.broker is not None
+    assert publisher.daemon.broker.returned == 0
