@@ -61,12 +61,12 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if not str(err) else text
 
 
-def connection_parameters(url: str) -> pika.URLParameters:
+def connection_parameters(url: str, connection_name: str) -> pika.URLParameters:
     params = pika.URLParameters(url)
     if "heartbeat" not in parse_qs(urlsplit(url).query):
         params.heartbeat = DEFAULT_HEARTBEAT_S
     params.connection_attempts = 1
-    params.client_properties = {"connection_name": f"{APP_ID} publisher"}
+    params.client_properties = {"connection_name": connection_name}
     return params
 
 
@@ -75,14 +75,19 @@ class Broker:
         self,
         settings: Settings,
         spool: Spool,
+        *,
         on_confirmed: Confirmed | None = None,
+        on_reconnected: Callable[[], None] | None = None,
         window: int = DEFAULT_WINDOW,
+        connection_name: str = APP_ID,
     ) -> None:
         self._urls = settings.amqp_urls
         self._exchange = settings.exchange
         self._unroutable = settings.unroutable_exchange
         self._spool = spool
         self._on_confirmed = on_confirmed
+        self._on_reconnected = on_reconnected
+        self._connection_name = connection_name
         self._window = window
 
         self._lock = threading.Condition()
@@ -215,7 +220,7 @@ class Broker:
         self._session_error = None
         self._url = redact_url(url)
         self._connection = pika.SelectConnection(
-            connection_parameters(url),
+            connection_parameters(url, self._connection_name),
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -288,6 +293,8 @@ class Broker:
     def _on_confirm_mode(self, _frame: Any) -> None:
         self._was_ready_this_session = True
         log.info("connected to broker %s, exchange %r", self._url, self._exchange)
+        if self._ready.is_set() and self._on_reconnected is not None:
+            self._on_reconnected()
         self._ready.set()
         self._first_attempt_done.set()
         self._pump()

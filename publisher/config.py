@@ -116,11 +116,14 @@ def resolve(
 def validate(values: Mapping[str, object]) -> Settings:
     problems: list[str] = []
 
-    def text(key: str) -> str:
+    def text(key: str) -> str | None:
         value = values.get(key)
         if not isinstance(value, str):
             problems.append(f"{key}: must be a string, got {type(value).__name__}")
-            return ""
+            return None
+        if not value:
+            problems.append(f"{key}: must not be empty")
+            return None
         return value
 
     def many(key: str) -> tuple[str, ...]:
@@ -132,6 +135,15 @@ def validate(values: Mapping[str, object]) -> Settings:
         if not items:
             problems.append(f"{key}: at least one value is required")
         return tuple(items)
+
+    def choice(key: str, allowed: tuple[str, ...]) -> str | None:
+        value = text(key)
+        if value is None:
+            return None
+        if value.lower() not in allowed:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+            return None
+        return value.lower()
 
     libvirt_uris = many("libvirt_uri")
     for uri in libvirt_uris:
@@ -145,11 +157,11 @@ def validate(values: Mapping[str, object]) -> Settings:
             problems.append(f"amqp_url: {redact_url(url)!r} {problem}")
 
     exchange = text("exchange")
-    if exchange and not _EXCHANGE_NAME.fullmatch(exchange):
+    if exchange is not None and not _EXCHANGE_NAME.fullmatch(exchange):
         problems.append(
             f"exchange: {exchange!r} must be 1-200 letters, digits or '_', '-', '.', ':'"
         )
-    elif exchange.startswith("amq."):
+    elif exchange is not None and exchange.startswith("amq."):
         problems.append(f"exchange: {exchange!r} is reserved by the broker (amq.* names)")
 
     raw_host = values.get("host_id")
@@ -162,26 +174,23 @@ def validate(values: Mapping[str, object]) -> Settings:
         if not host_id:
             problems.append(f"host_id: {host_source!r} has no letters or digits to use")
 
-    state_dir = Path(text("state_dir") or ".")
-    problem = writable_dir_problem(state_dir)
+    state_dir = text("state_dir")
+    problem = writable_dir_problem(Path(state_dir)) if state_dir is not None else None
     if problem:
-        problems.append(f"state_dir: {str(state_dir)!r} {problem}")
+        problems.append(f"state_dir: {state_dir!r} {problem}")
 
-    log_level = text("log_level").lower()
-    if log_level not in LOG_LEVELS:
-        problems.append(f"log_level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    log_format = text("log_format").lower()
-    if log_format not in LOG_FORMATS:
-        problems.append(f"log_format: {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    log_level = choice("log_level", LOG_LEVELS)
+    log_format = choice("log_format", LOG_FORMATS)
 
-    if problems:
+    if problems or None in (exchange, state_dir, log_level, log_format):
         raise ConfigError(problems)
+    assert exchange and state_dir and log_level and log_format  # for the type checker
     return Settings(
         libvirt_uris=libvirt_uris,
         amqp_urls=amqp_urls,
         exchange=exchange,
         host_id=host_id,
-        state_dir=state_dir,
+        state_dir=Path(state_dir),
         log_level=log_level,
         log_format=log_format,
     )
@@ -191,12 +200,17 @@ def amqp_url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as err:
-        return f"does not parse: {err}"
+    except ValueError:
+        # The parser's message may quote the password; say what to check instead.
+        return (
+            "does not parse (check the port, and percent-encode '/', '?', '#', '@' in a password)"
+        )
     if parts.scheme not in ("amqp", "amqps"):
         return f"must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}"
     if not parts.hostname:
         return "names no host"
+    if parts.username is not None and parts.password is None:
+        return "names a user but no password (amqp://user:password@host/)"
     try:
         pika.URLParameters(url)
     except (ValueError, TypeError, pika.exceptions.AMQPError) as err:

@@ -9,6 +9,7 @@ publishes what is spooled.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -50,6 +51,8 @@ class Daemon:
         self.dropped = 0
         self.started = threading.Event()
         self.broker: Broker | None = None
+        self._announce = threading.Event()
+        """Set from the broker thread after a reconnect: the capabilities go out again."""
 
     def accept(self, event: DomainEvent) -> None:
         """The `emit` of every driver: runs on foreign threads, never blocks, never raises."""
@@ -68,7 +71,13 @@ class Daemon:
             log.error("%s", err)
             return EXIT_FAILURE
         self._sequence = spool.last_sequence()
-        broker = self.broker = Broker(self.settings, spool, self._on_confirmed)
+        broker = self.broker = Broker(
+            self.settings,
+            spool,
+            on_confirmed=self._on_confirmed,
+            on_reconnected=self._announce.set,
+            connection_name=f"virtpub {self.settings.host_id} pid {os.getpid()}",
+        )
         leftovers = spool.pending()
         if leftovers:
             log.info("resending %d message(s) left in the spool", len(leftovers))
@@ -109,6 +118,9 @@ class Daemon:
         while not stop.is_set():
             if broker.fatal is not None:
                 raise BrokerFatalError(broker.fatal)
+            if self._announce.is_set():
+                self._announce.clear()
+                self._publish([self._capabilities()], spool, broker)
             try:
                 first = self._inbox.get(timeout=0.2)
             except queue.Empty:

@@ -54,5 +54,4 @@ class DomainEvent:
     info: Mapping[str, JSONValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.info, MappingProxyType):
-            object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))

@@ -1,0 +1,380 @@
+"""Unit tests for publisher/envelope.py (and publisher/redact.py).
+
+A message is what consumers depend on: its CloudEvents attributes, AMQP headers
+and routing key, and that its body validates against the published JSON schema
+and parses with the CloudEvents SDK. Events are built with the real libvirt
+catalog and the capabilities data the way the daemon builds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+import libvirt
+import pytest
+from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
+from cloudevents.core.formats.json import JSONFormat
+from jsonschema import Draft202012Validator, FormatChecker
+
+from drivers.libvirt_domain import source_uri
+from drivers.libvirt_events import Catalog, EventIdSpec, Field, normalize
+from publisher import __version__, schemas
+from publisher.capabilities import BackendCapabilities, EventSupport
+from publisher.daemon import ROUTING_KEY_FORMAT
+from publisher.envelope import CONTENT_TYPE, Envelope, OutgoingMessage, rfc3339, routing_key
+from publisher.event import DomainEvent, DomainRef
+from publisher.redact import redact_url
+
+HOST = "hv01"
+BACKEND = source_uri(HOST, "qemu:///system")
+RECEIVED_AT = 1_700_000_000.123456
+UUID = "6f1c6a52-3d0e-4b8a-9a43-1f0e2f7f6a11"
+CATALOG = Catalog(vars(libvirt))
+SPECS = {spec.constant: spec for spec in CATALOG.ids}
+
+
+def domain_event(constant: str, *args: object, dom_id: int | None = 7) -> DomainEvent:
+    return normalize(
+        CATALOG,
+        SPECS[constant],
+        backend=BACKEND,
+        domain=DomainRef(uuid=UUID, name="web-01", id=dom_id),
+        args=args,
+        received_at=RECEIVED_AT,
+    )
+
+
+def body_of(message: OutgoingMessage) -> dict[str, Any]:
+    return json.loads(message.body)
+
+
+def validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(schemas.info(name).load(), format_checker=FormatChecker())
+
+
+def capabilities_data() -> dict[str, Any]:
+    """Shaped like Daemon._capabilities, with one backend built by BackendCapabilities."""
+    backend = BackendCapabilities(
+        driver="libvirt",
+        source=BACKEND,
+        uri="qemu:///system",
+        hypervisor_type="QEMU",
+        hypervisor_version=None,
+        libvirt_version="10.0.0",
+        events={
+            **{name: EventSupport("native") for name in CATALOG.event_types()},
+            "block_threshold": EventSupport("unsupported", "not supported by this driver"),
+        },
+    )
+    return {
+        "publisher": {"name": "virtpub", "version": __version__},
+        "host_id": HOST,
+        "routing_key_format": ROUTING_KEY_FORMAT,
+        "schemas": {name: schemas.info(name).version for name in schemas.ALL},
+        "backends": [backend.to_json()],
+    }
+
+
+@pytest.fixture
+def stopped() -> OutgoingMessage:
+    return Envelope(HOST).domain_event(domain_event("LIFECYCLE", 5, 1, dom_id=None), 42)
+
+
+@pytest.fixture
+def capabilities() -> OutgoingMessage:
+    return Envelope(HOST).publisher_event("capabilities", capabilities_data(), 1, RECEIVED_AT)
+
+
+def test_format_checker_really_checks_the_formats_the_schemas_use() -> None:
+    """Without rfc3339-validator, `date-time` would silently pass anything."""
+    assert {"uuid", "date-time"} <= set(FormatChecker().checkers)
+
+
+# --- routing keys ----------------------------------------------------------------------------
+
+
+def test_routing_key_with_detail() -> None:
+    assert routing_key(1, "hv01", "domain", "stopped", "destroyed") == (
+        "v1.hv01.domain.stopped.destroyed"
+    )
+
+
+@pytest.mark.parametrize("detail", [None, ""])
+def test_routing_key_without_detail_has_four_segments(detail: str | None) -> None:
+    assert routing_key(2, "hv01", "domain", "rtc_change", detail) == "v2.hv01.domain.rtc_change"
+
+
+# --- a domain event message --------------------------------------------------------------------
+
+
+def test_domain_event_cloudevents_attributes(stopped: OutgoingMessage) -> None:
+    body = body_of(stopped)
+    assert body["specversion"] == "1.0"
+    assert body["id"] == stopped.id
+    assert str(uuid.UUID(body["id"])) == body["id"]
+    assert body["type"] == stopped.type == "org.virtpub.domain.stopped"
+    assert body["source"] == BACKEND
+    assert body["subject"] == UUID
+    assert body["datacontenttype"] == "application/json"
+    assert body["dataschema"] == schemas.info(schemas.DOMAIN_EVENT).uri
+    assert body["sequence"] == stopped.sequence == 42
+
+
+def test_time_is_rfc3339_utc_of_received_at(stopped: OutgoingMessage) -> None:
+    time = body_of(stopped)["time"]
+    assert time.endswith("Z")
+    assert datetime.fromisoformat(time).timestamp() == pytest.approx(RECEIVED_AT, abs=1e-6)
+    assert stopped.timestamp == int(RECEIVED_AT)
+
+
+def test_rfc3339_keeps_microseconds_and_whole_seconds() -> None:
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000Z"
+    assert rfc3339(1.5) == "1970-01-01T00:00:01.500000Z"
+
+
+def test_lifecycle_data_and_codes(stopped: OutgoingMessage) -> None:
+    assert body_of(stopped)["data"] == {
+        "domain": {"uuid": UUID, "name": "web-01"},
+        "event": "stopped",
+        "detail": "destroyed",
+        "codes": {"event_id": libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, "event": 5, "detail": 1},
+        "origin": "libvirt",
+        "info": {},
+    }
+
+
+def test_running_domain_id_and_info_are_in_the_data() -> None:
+    message = Envelope(HOST).domain_event(domain_event("RTC_CHANGE", -3600), 3)
+    data = body_of(message)["data"]
+    assert data["domain"] == {"uuid": UUID, "name": "web-01", "id": 7}
+    assert data["codes"] == {"event_id": libvirt.VIR_DOMAIN_EVENT_ID_RTC_CHANGE}
+    assert (data["detail"], data["info"]) == (None, {"utcoffset": -3600})
+
+
+def test_domain_event_headers_and_routing_key(stopped: OutgoingMessage) -> None:
+    info = schemas.info(schemas.DOMAIN_EVENT)
+    assert stopped.headers == {
+        "host_id": HOST,
+        "entity": "domain",
+        "event": "stopped",
+        "detail": "destroyed",
+        "schema": schemas.DOMAIN_EVENT,
+        "schema_version": info.version,
+    }
+    assert stopped.routing_key == f"v{info.major}.{HOST}.domain.stopped.destroyed"
+
+
+def test_event_without_detail_has_no_detail_header_or_segment() -> None:
+    message = Envelope(HOST).domain_event(domain_event("REBOOT"), 3)
+    assert "detail" not in message.headers
+    assert message.routing_key.endswith(".domain.reboot")
+
+
+def test_each_message_gets_a_fresh_id() -> None:
+    envelope, event = Envelope(HOST), domain_event("REBOOT")
+    assert envelope.domain_event(event, 1).id != envelope.domain_event(event, 2).id
+
+
+def test_body_is_compact_utf8_json() -> None:
+    """Non-ASCII domain names travel as UTF-8, not \\u escapes."""
+    event = normalize(
+        CATALOG,
+        SPECS["REBOOT"],
+        backend=BACKEND,
+        domain=DomainRef(uuid=UUID, name="café"),
+        args=(),
+        received_at=RECEIVED_AT,
+    )
+    body = Envelope(HOST).domain_event(event, 1).body
+    assert "café".encode() in body
+    assert b", " not in body
+
+
+# --- schema validation -----------------------------------------------------------------------
+
+
+def test_domain_event_validates_against_its_schema(stopped: OutgoingMessage) -> None:
+    validator(schemas.DOMAIN_EVENT).validate(body_of(stopped))
+
+
+def sample_args(spec: EventIdSpec, info_schema: dict[str, Any]) -> list[object]:
+    """Plausible callback arguments for an ID, typed from the schema's description of it."""
+    props = info_schema.get("properties", {})
+
+    def value(field: Field) -> object:
+        if field.enum is not None:
+            return 0
+        if field.kind == "address":
+            return {"family": 0, "node": "192.0.2.1", "service": "5900"}
+        if field.kind == "subject":
+            return [("x509dname", "CN=alice")]
+        kind = props[field.name].get("type")
+        kinds = kind if isinstance(kind, list) else [kind]
+        if "integer" in kinds:
+            return 1
+        if "object" in kinds:
+            return {"name": "value"}
+        return "text"
+
+    return [value(field) for field in spec.fields or ()]
+
+
+def info_schemas() -> dict[str, dict[str, Any]]:
+    branches = schemas.info(schemas.DOMAIN_EVENT).load()["$defs"]["data"]["allOf"]
+    return {
+        b["if"]["properties"]["event"]["const"]: b["then"]["properties"]["info"]
+        for b in branches
+        if "const" in b["if"]["properties"]["event"]
+    }
+
+
+@pytest.mark.parametrize(
+    "constant", [c for c, spec in SPECS.items() if spec.fields is not None], ids=str
+)
+def test_every_described_event_id_of_the_binding_validates(constant: str) -> None:
+    """FIELDS and the schema must agree on each ID's info (names, `_code`s, types)."""
+    spec = SPECS[constant]
+    per_event = info_schemas()
+    assert spec.event_type in per_event, f"schema has no info description for {spec.event_type}"
+    event = domain_event(constant, *sample_args(spec, per_event[spec.event_type]))
+    validator(schemas.DOMAIN_EVENT).validate(body_of(Envelope(HOST).domain_event(event, 1)))
+
+
+def test_every_lifecycle_type_of_the_binding_is_in_the_schema() -> None:
+    branches = schemas.info(schemas.DOMAIN_EVENT).load()["$defs"]["data"]["allOf"]
+    (lifecycle,) = [b for b in branches if "enum" in b["if"]["properties"]["event"]]
+    assert set(CATALOG.lifecycle_types) <= set(lifecycle["if"]["properties"]["event"]["enum"])
+
+
+def test_id_without_known_fields_validates_with_args() -> None:
+    catalog = Catalog({**vars(libvirt), "VIR_DOMAIN_EVENT_ID_FROM_THE_FUTURE": 999})
+    spec = next(s for s in catalog.ids if s.constant == "FROM_THE_FUTURE")
+    event = normalize(
+        catalog,
+        spec,
+        backend=BACKEND,
+        domain=DomainRef(uuid=UUID, name="web-01"),
+        args=(1, (2, "x")),
+        received_at=RECEIVED_AT,
+    )
+    body = body_of(Envelope(HOST).domain_event(event, 1))
+    assert body["data"]["info"] == {"args": [1, [2, "x"]]}
+    validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "bad"),
+    [
+        (("data", "event"), "Stopped!"),
+        (("data", "origin"), "rumour"),
+        (("time",), "yesterday"),
+        (("id",), "not-a-uuid"),
+        (("subject",), "web-01"),
+        (("sequence",), 0),
+        (("data", "info"), {"utcoffset": 1}),
+    ],
+)
+def test_schema_rejects_a_wrong_field(
+    stopped: OutgoingMessage, path: tuple[str, ...], bad: Any
+) -> None:
+    """Proves the schema (and its format checks) bite; a schema accepting anything is useless."""
+    body = copy.deepcopy(body_of(stopped))
+    *parents, last = path
+    target = body
+    for key in parents:
+        target = target[key]
+    target[last] = bad
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+# --- the capabilities message ------------------------------------------------------------------
+
+
+def test_capabilities_message_validates_against_its_schema(capabilities: OutgoingMessage) -> None:
+    validator(schemas.PUBLISHER_CAPABILITIES).validate(body_of(capabilities))
+
+
+def test_capabilities_message_attributes(capabilities: OutgoingMessage) -> None:
+    body = body_of(capabilities)
+    info = schemas.info(schemas.PUBLISHER_CAPABILITIES)
+    assert body["type"] == "org.virtpub.publisher.capabilities"
+    assert body["source"] == f"virtpub://{HOST}/publisher"
+    assert body["subject"] == HOST
+    assert body["dataschema"] == info.uri
+    assert capabilities.routing_key == f"v{info.major}.{HOST}.publisher.capabilities"
+    assert capabilities.headers["schema"] == schemas.PUBLISHER_CAPABILITIES
+    assert capabilities.headers["schema_version"] == info.version
+
+
+def test_capabilities_schema_rejects_an_unknown_support_status(
+    capabilities: OutgoingMessage,
+) -> None:
+    body = copy.deepcopy(body_of(capabilities))
+    body["data"]["backends"][0]["events"]["reboot"]["status"] = "maybe"
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.PUBLISHER_CAPABILITIES).validate(body)
+
+
+def test_capabilities_to_json_omits_absent_reasons_and_sorts_events() -> None:
+    backend = capabilities_data()["backends"][0]
+    assert backend["events"]["block_threshold"] == {
+        "status": "unsupported",
+        "reason": "not supported by this driver",
+    }
+    assert backend["events"]["reboot"] == {"status": "native"}
+    assert list(backend["events"]) == sorted(backend["events"])
+
+
+# --- CloudEvents SDK ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["stopped", "capabilities"])
+def test_message_parses_with_the_cloudevents_sdk(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    message: OutgoingMessage = request.getfixturevalue(which)
+    event = from_rabbitmq(
+        RabbitMQMessage(headers={}, content_type=CONTENT_TYPE, body=message.body), JSONFormat()
+    )
+    assert event.get_id() == message.id
+    assert event.get_type() == message.type
+    assert event.get_data() == body_of(message)["data"]
+    assert event.get_extension("sequence") == message.sequence
+
+
+# --- redact_url --------------------------------------------------------------------------------
+
+
+def test_redact_url_replaces_the_password() -> None:
+    assert redact_url("amqp://guest:secret@rabbit:5672/%2F") == "amqp://guest:***@rabbit:5672/%2F"
+
+
+@pytest.mark.parametrize("url", ["amqp://guest@rabbit/", "qemu:///system", "amqp://rabbit/"])
+def test_redact_url_leaves_urls_without_password_unchanged(url: str) -> None:
+    assert redact_url(url) == url
+
+
+def test_redact_url_keeps_an_ipv6_host() -> None:
+    assert (
+        redact_url("amqps://u:secret@[2001:db8::1]:5671/v") == "amqps://u:***@[2001:db8::1]:5671/v"
+    )
+
+
+def test_redact_url_with_at_sign_in_password_hides_all_of_it() -> None:
+    assert redact_url("amqp://u:p@ss@rabbit/") == "amqp://u:***@rabbit/"
+
+
+def test_redact_url_that_does_not_parse_still_hides_the_password() -> None:
+    assert redact_url("amqp://u:secret@[::1/") == "amqp://u:***@[::1/"
+    assert redact_url("amqp://[::1/") == "amqp://[::1/"
+
+
+@pytest.mark.parametrize("url", ["amqp://u:sec/ret@rabbit/", "amqp://u:sec?ret@rabbit/"])
+def test_redact_url_hides_unencoded_reserved_characters_in_password(url: str) -> None:
+    assert "ret@" not in redact_url(url)
