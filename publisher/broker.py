@@ -106,7 +106,7 @@ class Broker:
         self._session_error: BaseException | None = None
         self._url_index = 0
         self._url = ""
-        self._was_ready_this_session = False
+        self._session_ready = False
         self._first_attempt_done = threading.Event()
 
         self.published = 0
@@ -230,20 +230,20 @@ class Broker:
         error, self._session_error = self._session_error, None
         if isinstance(error, BrokerFatalError):
             raise error
-        if isinstance(error, BrokerUnavailableError) and not self._was_ready_this_session:
+        if isinstance(error, BrokerUnavailableError) and not self._session_ready:
             raise error
         if error is not None and not self._stop.is_set():
             self.reconnects += 1
             log.warning("lost the broker at %s: %s; reconnecting", self._url, error)
 
     def _on_connection_open(self, connection: Any) -> None:
-        self._was_ready_this_session = False
+        self._session_ready = False
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
-        self._was_ready_this_session = False
+        self._session_ready = False
         if isinstance(err, _FATAL_OPEN_ERRORS):
             self._session_error = BrokerFatalError(
                 f"broker at {self._url} refused the login: {_one_line(err)}"
@@ -291,7 +291,7 @@ class Broker:
         )
 
     def _on_confirm_mode(self, _frame: Any) -> None:
-        self._was_ready_this_session = True
+        self._session_ready = True
         log.info("connected to broker %s, exchange %r", self._url, self._exchange)
         if self._ready.is_set() and self._on_reconnected is not None:
             self._on_reconnected()
@@ -304,7 +304,7 @@ class Broker:
             self._channel = None
         self._requeue_in_flight()
         code = getattr(reason, "reply_code", None)
-        if code in _FATAL_REPLY_CODES and not self._was_ready_this_session:
+        if code in _FATAL_REPLY_CODES and not self._session_ready:
             self._session_error = BrokerFatalError(
                 f"broker at {self._url} refused the topology for exchange {self._exchange!r}:"
                 f" {_one_line(reason)}"
@@ -325,7 +325,9 @@ class Broker:
 
     def _pump(self) -> None:
         channel = self._channel
-        if channel is None or not channel.is_open or self._blocked or not self._ready.is_set():
+        # Not before confirm mode is on: delivery tags count from confirm.select, and a
+        # message published earlier would never be acked.
+        if channel is None or not channel.is_open or self._blocked or not self._session_ready:
             return
         room = self._window - len(self._in_flight)
         if room <= 0:

@@ -6,6 +6,7 @@ The broker is the shared one; only the publisher's own connection is closed
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
 from tests.test_publish_test_driver import domain_xml
 
 
-def close_connections_named(prefix: str) -> int:
-    """Closes the broker connections whose client-provided name starts with `prefix`.
+def close_connections_named(name: str) -> int:
+    """Closes the broker connections whose client-provided name is `name`.
 
     rabbitmqctl's JSON output renders pids in a form close_connection rejects, so
     the tab-separated listing is read instead (pid, then client properties).
@@ -29,7 +30,7 @@ def close_connections_named(prefix: str) -> int:
     closed = 0
     for line in listing.splitlines():
         pid, _, properties = line.partition("\t")
-        if f'{{"connection_name","{prefix}' in properties:
+        if f'{{"connection_name","{name}"}}' in properties:
             subprocess.run(
                 ["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"],
                 check=True,
@@ -49,7 +50,7 @@ def test_reconnect_republishes_capabilities_and_loses_nothing(
     broker = publisher.daemon.broker
     assert broker is not None
 
-    assert close_connections_named(f"virtpub {HOST_ID} ") == 1
+    assert close_connections_named(f"virtpub {HOST_ID} pid {os.getpid()}") == 1
     dom = publisher.conn.defineXML(domain_xml("vm-reconnect")[0])
     dom.create()
     dom.destroy()
@@ -75,3 +76,30 @@ def test_reconnect_republishes_capabilities_and_loses_nothing(
     for message in messages:
         assert_valid(message)
     assert consumer.quiet(0.3)[len(messages) :] == []
+
+
+def test_reconnect_during_a_burst_confirms_everything(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    """Events keep coming while the connection is replaced: none may be published on the
+    new channel before confirm mode is on (it would never be acked), none may be lost."""
+    consumer = consumer_factory("v1.*.domain.#")
+    publisher = publisher_factory()
+    broker = publisher.daemon.broker
+    assert broker is not None
+    uuids = []
+    for i in range(150):
+        xml, dom_uuid = domain_xml(f"vm-burst-{i}")
+        publisher.conn.defineXML(xml).undefine()
+        uuids.append(dom_uuid)
+        if i in (40, 100):
+            assert close_connections_named(f"virtpub {HOST_ID} pid {os.getpid()}") == 1
+    messages = consumer.collect(lambda m: len({x.body["id"] for x in m}) >= 300, timeout=30)
+    deadline = time.monotonic() + 20
+    while broker.unconfirmed() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert broker.unconfirmed() == 0
+    assert broker.reconnects == 2
+    defined = [m.body["subject"] for m in messages if m.routing_key.endswith("defined.added")]
+    assert sorted(set(defined)) == sorted(uuids)
