@@ -12,15 +12,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import libvirt
 
-from drivers.libvirt_events import LIFECYCLE_ID, SUPERSEDED_BY, Catalog, EventIdSpec, normalize
+from drivers.libvirt_events import (
+    LIFECYCLE_ID,
+    SUPERSEDED_BY,
+    Catalog,
+    Enum,
+    EventIdSpec,
+    normalize,
+)
+from publisher import retry
 from publisher.capabilities import BackendCapabilities, EventSupport
 from publisher.driver import DriverError, Emit
-from publisher.event import DomainRef
+from publisher.event import BackendChange, DomainFacts, DomainRef
+from publisher.model import GONE
 from publisher.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -69,18 +78,41 @@ def source_uri(host_id: str, uri: str) -> str:
 
 
 class LibvirtDomainDriver:
-    """Subscribes to every domain event ID the connection accepts."""
+    """Subscribes to every domain event ID the connection accepts, and keeps it connected.
 
-    def __init__(self, uri: str, host_id: str, catalog: Catalog | None = None) -> None:
+    A close callback (and keepalive, where the driver has it) notices a lost
+    libvirtd; a reconnect thread then opens the connection again with tenacity's
+    exponential backoff and jitter and registers every callback again. Both
+    changes are reported to the daemon, which announces them and resyncs.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        host_id: str,
+        *,
+        catalog: Catalog | None = None,
+        emits: frozenset[str] | None = None,
+        poll_interval: float = 10.0,
+    ) -> None:
         self.uri = uri
         self._backend = source_uri(host_id, uri)
         self._catalog = catalog or Catalog(vars(libvirt))
+        self._emits = emits
+        self._poll_interval = poll_interval
         self._conn: Any = None
+        self._emit: Emit | None = None
         self._callback_ids: list[int] = []
         self._refused: dict[str, str] = {}
         self._subscribed: list[EventIdSpec] = []
+        self._polled: frozenset[str] = frozenset()
         self._failures = 0
+        self._superseded = 0
         self._capabilities: BackendCapabilities | None = None
+        self._lock = threading.Lock()
+        self._lost = threading.Event()
+        self._stopping = threading.Event()
+        self._reconnector: threading.Thread | None = None
 
     @property
     def backend(self) -> str:
@@ -95,18 +127,78 @@ class LibvirtDomainDriver:
     def callback_failures(self) -> int:
         return self._failures
 
+    @property
+    def polled(self) -> frozenset[str]:
+        """Lifecycle event types this backend cannot emit, so the daemon polls for them."""
+        return self._polled
+
+    @property
+    def poll_interval(self) -> float:
+        return self._poll_interval
+
     def start(self, emit: Emit) -> None:
         ensure_event_loop()
+        self._emit = emit
         try:
-            self._conn = libvirt.open(self.uri)
+            self._connect()
         except libvirt.libvirtError as err:
             raise DriverError(
                 f"libvirt: cannot open {redact_url(self.uri)!r}: {_one_line(err)}"
             ) from err
-        self._subscribe(emit)
+        self._reconnector = threading.Thread(
+            target=self._keep_connected, name=f"libvirt-reconnect {self.uri}", daemon=True
+        )
+        self._reconnector.start()
+
+    def _connect(self) -> None:
+        """Opens the connection, watches it for loss, subscribes, and describes what it emits."""
+        conn = libvirt.open(self.uri)
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError as err:
+            log.debug("libvirt %s has no keepalive: %s", self.uri, err)
+        conn.registerCloseCallback(self._on_close, None)
+        with self._lock:
+            self._conn = conn
+            self._callback_ids.clear()
+            self._refused.clear()
+            self._subscribed.clear()
+        self._subscribe()
         self._capabilities = self._describe()
 
-    def _subscribe(self, emit: Emit) -> None:
+    def _on_close(self, _conn: object, reason: int, _opaque: object) -> None:
+        """Runs on libvirt's event-loop thread: only records the loss and wakes the reconnector."""
+        try:
+            if self._stopping.is_set():
+                return
+            why = self._catalog.name(_CLOSE_REASON, reason)
+            log.warning("libvirt %s: connection lost (%s)", redact_url(self.uri), why)
+            if self._emit is not None:
+                self._emit(BackendChange(self._backend, False, why, time.time()))
+            self._lost.set()
+        except Exception:  # never raise into libvirt's loop
+            self._failures += 1
+            log.exception("libvirt close callback failed")
+
+    def _keep_connected(self) -> None:
+        while not self._stopping.is_set():
+            self._lost.wait()
+            if self._stopping.is_set():
+                return
+            self._lost.clear()
+            self._discard_connection()
+            try:
+                what = f"libvirt {redact_url(self.uri)}"
+                for attempt in retry.until_stopped(libvirt.libvirtError, self._stopping, what, log):
+                    with attempt:
+                        self._connect()
+            except libvirt.libvirtError:
+                return  # stopping
+            log.info("libvirt %s: reconnected", redact_url(self.uri))
+            if self._emit is not None:
+                self._emit(BackendChange(self._backend, True, None, time.time()))
+
+    def _subscribe(self) -> None:
         subscribed: set[str] = set()
         for spec in self._catalog.subscriptions():
             successor = SUPERSEDED_BY.get(spec.constant)
@@ -114,7 +206,7 @@ class LibvirtDomainDriver:
                 continue
             try:
                 cb_id = self._conn.domainEventRegisterAny(
-                    None, spec.code, self._callback(spec, emit), None
+                    None, spec.code, self._callback(spec), None
                 )
             except libvirt.libvirtError as err:
                 self._refused[spec.constant] = _one_line(err)
@@ -130,7 +222,7 @@ class LibvirtDomainDriver:
             len(self._refused),
         )
 
-    def _callback(self, spec: EventIdSpec, emit: Emit) -> Callable[..., None]:
+    def _callback(self, spec: EventIdSpec) -> Callable[..., None]:
         catalog, backend = self._catalog, self._backend
 
         def on_event(_conn: object, dom: Any, *rest: object) -> None:
@@ -142,16 +234,19 @@ class LibvirtDomainDriver:
                     name=dom.name(),
                     id=dom_id if dom_id >= 0 else None,
                 )
-                emit(
-                    normalize(
-                        catalog,
-                        spec,
-                        backend=backend,
-                        domain=ref,
-                        args=rest[:-1],
-                        received_at=received_at,
-                    )
+                event = normalize(
+                    catalog,
+                    spec,
+                    backend=backend,
+                    domain=ref,
+                    args=rest[:-1],
+                    received_at=received_at,
                 )
+                if event.event in self._polled:
+                    self._superseded += 1  # polling owns this type; publishing both would repeat it
+                    return
+                if self._emit is not None:
+                    self._emit(event)
             except Exception:  # never raise into libvirt's loop: count and log
                 self._failures += 1
                 log.exception("dropped a libvirt %s callback that could not be read", spec.constant)
@@ -161,14 +256,23 @@ class LibvirtDomainDriver:
     def _describe(self) -> BackendCapabilities:
         conn = self._conn
         subscribed_types = {s.event_type for s in self._subscribed}
-        events: dict[str, EventSupport] = {}
         lifecycle_ok = any(s.constant == LIFECYCLE_ID for s in self._subscribed)
-        for name in self._catalog.lifecycle_types:
-            events[name] = (
-                EventSupport("native")
-                if lifecycle_ok
-                else EventSupport("unsupported", self._refused.get(LIFECYCLE_ID))
-            )
+        lifecycle = self._catalog.lifecycle_types
+        if not lifecycle_ok:
+            self._polled = frozenset(lifecycle)
+        elif self._emits is not None:
+            self._polled = frozenset(t for t in lifecycle if t not in self._emits)
+        else:
+            self._polled = frozenset()
+        events: dict[str, EventSupport] = {
+            name: EventSupport("derived") for name in ("added", "removed", "snapshot")
+        }
+        for name in lifecycle:
+            if name in self._polled:
+                reason = self._refused.get(LIFECYCLE_ID, "the backend does not emit it")
+                events[name] = EventSupport("polled", reason, self._poll_interval)
+            else:
+                events[name] = EventSupport("native")
         for spec in self._catalog.ids:
             if spec.constant == LIFECYCLE_ID or spec.event_type in events:
                 continue
@@ -193,20 +297,101 @@ class LibvirtDomainDriver:
             raise RuntimeError("capabilities are known only after start()")
         return self._capabilities
 
+    # -- the daemon thread's reads --------------------------------------------------------------
+
+    def list_domains(self) -> list[DomainFacts]:
+        """Every domain with its persistence and state: three calls, whatever the count.
+
+        Raises DriverError while the connection is down.
+        """
+        conn = self._live_connection()
+        try:
+            persistent = {
+                d.UUIDString()
+                for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+            }
+            stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+        except libvirt.libvirtError as err:
+            raise DriverError(
+                f"libvirt {redact_url(self.uri)}: listing failed: {_one_line(err)}"
+            ) from err
+        facts = []
+        for dom, values in stats:
+            dom_id = dom.ID()
+            uuid = dom.UUIDString()
+            facts.append(
+                DomainFacts(
+                    uuid=uuid,
+                    name=dom.name(),
+                    id=dom_id if dom_id >= 0 else None,
+                    persistent=uuid in persistent,
+                    state=self._catalog.domain_state(
+                        int(values.get("state.state", 0)), int(values.get("state.reason", 0))
+                    ),
+                )
+            )
+        return facts
+
+    def lookup(self, uuid: str) -> DomainFacts | Literal["gone"] | None:
+        """One domain by UUID: GONE if libvirt says there is none, None if it cannot say."""
+        try:
+            conn = self._live_connection()
+            dom = conn.lookupByUUIDString(uuid)
+            state, reason = dom.state()
+            dom_id = dom.ID()
+            return DomainFacts(
+                uuid=uuid,
+                name=dom.name(),
+                id=dom_id if dom_id >= 0 else None,
+                persistent=bool(dom.isPersistent()),
+                state=self._catalog.domain_state(state, reason),
+            )
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return GONE
+            log.debug("libvirt %s: lookup of %s failed: %s", self.uri, uuid, err)
+            return None
+        except DriverError:
+            return None
+
+    def _live_connection(self) -> Any:
+        conn = self._conn
+        if conn is None or self._lost.is_set():
+            raise DriverError(f"libvirt {redact_url(self.uri)}: not connected")
+        return conn
+
+    # -- stopping -------------------------------------------------------------------------------
+
     def stop(self) -> None:
-        conn, self._conn = self._conn, None
+        self._stopping.set()
+        self._lost.set()  # wakes the reconnector so it can see it must stop
+        self._discard_connection()
+        if self._reconnector is not None:
+            self._reconnector.join(5)
+
+    def _discard_connection(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            callback_ids = list(self._callback_ids)
+            self._callback_ids.clear()
         if conn is None:
             return
-        for cb_id in self._callback_ids:
+        for cb_id in callback_ids:
             try:
                 conn.domainEventDeregisterAny(cb_id)
             except libvirt.libvirtError as err:
                 log.debug("deregistering callback %d failed: %s", cb_id, err)
-        self._callback_ids.clear()
+        try:
+            conn.unregisterCloseCallback()
+        except libvirt.libvirtError as err:
+            log.debug("unregistering the close callback failed: %s", err)
         try:
             conn.close()
         except libvirt.libvirtError as err:
             log.debug("closing %s failed: %s", self.uri, err)
+
+
+_CLOSE_REASON = Enum("VIR_CONNECT_CLOSE_REASON_")
 
 
 def _optional(read: Callable[[], Any]) -> str | None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from publisher.event import Codes, DomainEvent, DomainRef, JSONValue
+from publisher.event import Codes, DomainEvent, DomainRef, DomainState, JSONValue
 
 ID_PREFIX = "VIR_DOMAIN_EVENT_ID_"
 LIFECYCLE_ID = "LIFECYCLE"
@@ -34,6 +34,8 @@ class Enum:
 
     prefix: str
     single_segment: bool = False
+    only: frozenset[str] | None = None
+    """Names to accept, for prefixes shared with unrelated constants (VIR_DOMAIN_SHUTDOWN_*)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,41 @@ FIELDS: Mapping[str, tuple[Field, ...]] = {
     "VCPU_REMOVED": (Field("vcpu_id"),),
 }
 
+_DOMAIN_STATES = (
+    "NOSTATE",
+    "RUNNING",
+    "BLOCKED",
+    "PAUSED",
+    "SHUTDOWN",
+    "SHUTOFF",
+    "CRASHED",
+    "PMSUSPENDED",
+)
+_STATE = Enum("VIR_DOMAIN_", single_segment=True, only=frozenset(_DOMAIN_STATES))
+_SHUTDOWN_REASONS = frozenset({"UNKNOWN", "USER"})  # the rest of VIR_DOMAIN_SHUTDOWN_* are flags
+
+
+def _reason_enum(state: str) -> Enum:
+    return Enum(
+        f"VIR_DOMAIN_{state.upper()}_", only=_SHUTDOWN_REASONS if state == "shutdown" else None
+    )
+
+
+# Lifecycle event -> the domain state it leaves behind. The detail names the reason,
+# except where libvirt named the two enums differently.
+_STATE_AFTER: Mapping[str, str] = {
+    "started": "running",
+    "resumed": "running",
+    "suspended": "paused",
+    "stopped": "shutoff",
+    "pmsuspended": "pmsuspended",
+    "crashed": "crashed",
+}
+_REASON_ALIASES: Mapping[tuple[str, str], str] = {
+    ("suspended", "paused"): "user",
+    ("suspended", "migrated"): "migration",
+}
+
 # Older ID -> the richer ID that supersedes it; both publish the richer one's event type.
 SUPERSEDED_BY: Mapping[str, str] = {
     "BLOCK_JOB": "BLOCK_JOB_2",
@@ -190,15 +227,46 @@ class Catalog:
         names = self._enums.get(enum)
         if names is None:
             names = {}
-            for const, value in self._constants.items():
-                if not const.startswith(enum.prefix):
-                    continue
+            # Longest first, so the shortest name of a code is written last and wins: an alias
+            # such as PMSUSPENDED_DISK_UNKNOWN never hides PMSUSPENDED_UNKNOWN.
+            for const in sorted(self._constants, key=lambda c: (len(c), c), reverse=True):
                 rest = const.removeprefix(enum.prefix)
-                if rest == "LAST" or (enum.single_segment and "_" in rest):
+                if rest in (const, "LAST") or (enum.single_segment and "_" in rest):
                     continue
-                names.setdefault(value, rest.lower())
+                if enum.only is None or rest in enum.only:
+                    names[self._constants[const]] = rest.lower()
             self._enums[enum] = names
         return names.get(code, f"unknown_{code}")
+
+    def code(self, enum: Enum, name: str) -> int | None:
+        value = self._constants.get(f"{enum.prefix}{name.upper()}")
+        if value is None or (enum.only is not None and name.upper() not in enum.only):
+            return None
+        return value
+
+    def domain_state(self, state_code: int, reason_code: int) -> DomainState:
+        """A `virDomainGetState` answer, named."""
+        state = self.name(_STATE, state_code)
+        reason = (
+            self.name(_reason_enum(state), reason_code)
+            if not state.startswith("unknown_")
+            else f"unknown_{reason_code}"
+        )
+        return DomainState(state, reason, state_code, reason_code)
+
+    def implied_state(self, event: str, detail: str) -> DomainState | None:
+        """The state a lifecycle event leaves the domain in; None for events that change none."""
+        state = _STATE_AFTER.get(event)
+        if state is None:
+            return None
+        state_code = self.code(_STATE, state)
+        if state_code is None:
+            return None
+        reason = _REASON_ALIASES.get((event, detail), detail)
+        reason_code = self.code(_reason_enum(state), reason)
+        if reason_code is None:
+            reason, reason_code = "unknown", 0
+        return DomainState(state, reason, state_code, reason_code)
 
     def lifecycle(self, event: int, detail: int) -> tuple[str, str]:
         kind = self._lifecycle_types.get(event)
@@ -270,6 +338,7 @@ def normalize(
             codes=Codes(event_id=spec.code, event=event_code, detail=detail_code),
             origin="libvirt",
             received_at=received_at,
+            state=catalog.implied_state(event, detail),
         )
     return DomainEvent(
         backend=backend,

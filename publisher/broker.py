@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 import pika
 import pika.exceptions
 import pika.spec
-import tenacity
 
+from publisher import retry
 from publisher.config import Settings
 from publisher.envelope import APP_ID, CONTENT_TYPE, OutgoingMessage
 from publisher.redact import redact_url
@@ -180,13 +180,8 @@ class Broker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                for attempt in tenacity.Retrying(
-                    retry=tenacity.retry_if_exception_type(BrokerUnavailableError),
-                    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30),
-                    stop=tenacity.stop_when_event_set(self._stop),
-                    sleep=self._sleep_unless_stopped,
-                    before_sleep=self._log_retry,
-                    reraise=True,
+                for attempt in retry.until_stopped(
+                    BrokerUnavailableError, self._stop, "broker", log
                 ):
                     with attempt:
                         self._session(self._next_url())
@@ -200,19 +195,10 @@ class Broker:
             finally:
                 self._first_attempt_done.set()
 
-    def _sleep_unless_stopped(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-
     def _next_url(self) -> str:
         url = self._urls[self._url_index % len(self._urls)]
         self._url_index += 1
         return url
-
-    def _log_retry(self, state: tenacity.RetryCallState) -> None:
-        outcome = state.outcome
-        err = outcome.exception() if outcome is not None else None
-        delay = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning("broker unreachable: %s; retrying in %.1f s", err, delay)
 
     def _session(self, url: str) -> None:
         """Runs one connection until it closes. Returns normally if it was usable for a while,

@@ -20,6 +20,8 @@ class EventSupport:
     status: Support
     reason: str | None = None
     """Why an event is not native, e.g. the error libvirt gave when registration failed."""
+    interval_s: float | None = None
+    """For polled events: seconds between two listings."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,8 @@ class BackendCapabilities:
             entry: dict[str, JSONValue] = {"status": support.status}
             if support.reason is not None:
                 entry["reason"] = support.reason
+            if support.interval_s is not None:
+                entry["interval_s"] = support.interval_s
             events[name] = entry
         return {
             "driver": self.driver,

@@ -19,6 +19,7 @@ from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, 
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
 from publisher.envelope import OutgoingMessage
+from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
 
 EXIT_CONFIG = 2
@@ -60,6 +61,13 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--state-dir",
         "state_dir",
         help=f"Where virtpub keeps its durable spool and state. [default: {DEFAULTS['state_dir']}]",
+    ),
+    click.option(
+        "--poll-interval",
+        "poll_interval",
+        help="Seconds between two listings of a backend that cannot emit some lifecycle"
+        " events (one listing call each time; capabilities mark those events polled)."
+        " [default: 10]",
     ),
     click.option(
         "--log-level",
@@ -109,6 +117,7 @@ def main() -> None:
     Start here:
       virtpub demo              watch events flow from libvirt's built-in test driver
       virtpub run               the daemon (see: virtpub run --help)
+      virtpub inventory         every host's domains, rebuilt from the exchange alone
     """
 
 
@@ -170,6 +179,9 @@ def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> N
     )
 
 
+main.add_command(inventory_command)
+
+
 def _serve(
     settings: Settings,
     on_confirmed: Callable[[list[OutgoingMessage]], None] | None = None,
@@ -183,7 +195,10 @@ def _serve(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    drivers = [LibvirtDomainDriver(uri, settings.host_id) for uri in settings.libvirt_uris]
+    drivers = [
+        LibvirtDomainDriver(uri, settings.host_id, poll_interval=settings.poll_interval)
+        for uri in settings.libvirt_uris
+    ]
     daemon = Daemon(settings, drivers, on_confirmed=on_confirmed)
     if workload is not None:
         workload(daemon, stop).start()

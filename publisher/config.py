@@ -33,6 +33,7 @@ DEFAULTS: Mapping[str, object] = {
     "state_dir": "/var/lib/virtpub",
     "log_level": "info",
     "log_format": "text",
+    "poll_interval": 10.0,
 }
 
 _EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
@@ -56,6 +57,8 @@ class Settings:
     state_dir: Path
     log_level: str
     log_format: str
+    poll_interval: float = 10.0
+    """Seconds between two listings of a backend that cannot emit some lifecycle events."""
 
     @property
     def unroutable_exchange(self) -> str:
@@ -113,78 +116,105 @@ def resolve(
     return validate(merged)
 
 
-def validate(values: Mapping[str, object]) -> Settings:
-    problems: list[str] = []
+class _Reader:
+    """Reads typed values out of the merged layers, noting one problem per bad value."""
 
-    def text(key: str) -> str | None:
-        value = values.get(key)
+    def __init__(self, values: Mapping[str, object]) -> None:
+        self.values = values
+        self.problems: list[str] = []
+
+    def text(self, key: str) -> str | None:
+        value = self.values.get(key)
         if not isinstance(value, str):
-            problems.append(f"{key}: must be a string, got {type(value).__name__}")
+            self.problems.append(f"{key}: must be a string, got {type(value).__name__}")
             return None
         if not value:
-            problems.append(f"{key}: must not be empty")
+            self.problems.append(f"{key}: must not be empty")
             return None
         return value
 
-    def many(key: str) -> tuple[str, ...]:
-        value = values.get(key)
+    def many(self, key: str) -> tuple[str, ...]:
+        value = self.values.get(key)
         items = (value,) if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-            problems.append(f"{key}: must be a string or a list of strings")
+            self.problems.append(f"{key}: must be a string or a list of strings")
             return ()
         if not items:
-            problems.append(f"{key}: at least one value is required")
+            self.problems.append(f"{key}: at least one value is required")
         return tuple(items)
 
-    def choice(key: str, allowed: tuple[str, ...]) -> str | None:
-        value = text(key)
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str | None:
+        value = self.text(key)
         if value is None:
             return None
         if value.lower() not in allowed:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+            self.problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
             return None
         return value.lower()
 
-    libvirt_uris = many("libvirt_uri")
+    def seconds(self, key: str, low: float, high: float) -> float | None:
+        value = self.values.get(key)
+        try:
+            number = float(value) if isinstance(value, str | int | float) else None
+        except ValueError:
+            number = None
+        if number is None or isinstance(value, bool) or not low <= number <= high:
+            self.problems.append(
+                f"{key}: {value!r} is not a number of seconds from {low} to {high}"
+            )
+            return None
+        return number
+
+    def exchange(self) -> str | None:
+        exchange = self.text("exchange")
+        if exchange is None:
+            return None
+        if not _EXCHANGE_NAME.fullmatch(exchange):
+            self.problems.append(
+                f"exchange: {exchange!r} must be 1-200 letters, digits or '_', '-', '.', ':'"
+            )
+        elif exchange.startswith("amq."):
+            self.problems.append(f"exchange: {exchange!r} is reserved by the broker (amq.* names)")
+        return exchange
+
+    def host_id(self) -> str:
+        raw = self.values.get("host_id")
+        source = socket.gethostname().split(".")[0] if raw is None else raw
+        if not isinstance(source, str):
+            self.problems.append("host_id: must be a string")
+            return ""
+        host_id = sanitize_host_id(source)
+        if not host_id:
+            self.problems.append(f"host_id: {source!r} has no letters or digits to use")
+        return host_id
+
+
+def validate(values: Mapping[str, object]) -> Settings:
+    read = _Reader(values)
+    libvirt_uris = read.many("libvirt_uri")
     for uri in libvirt_uris:
         if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri):
-            problems.append(f"libvirt_uri: {redact_url(uri)!r} is not a URI (e.g. qemu:///system)")
-
-    amqp_urls = many("amqp_url")
+            read.problems.append(
+                f"libvirt_uri: {redact_url(uri)!r} is not a URI (e.g. qemu:///system)"
+            )
+    amqp_urls = read.many("amqp_url")
     for url in amqp_urls:
         problem = amqp_url_problem(url)
         if problem:
-            problems.append(f"amqp_url: {redact_url(url)!r} {problem}")
-
-    exchange = text("exchange")
-    if exchange is not None and not _EXCHANGE_NAME.fullmatch(exchange):
-        problems.append(
-            f"exchange: {exchange!r} must be 1-200 letters, digits or '_', '-', '.', ':'"
-        )
-    elif exchange is not None and exchange.startswith("amq."):
-        problems.append(f"exchange: {exchange!r} is reserved by the broker (amq.* names)")
-
-    raw_host = values.get("host_id")
-    host_source = socket.gethostname().split(".")[0] if raw_host is None else raw_host
-    host_id = ""
-    if not isinstance(host_source, str):
-        problems.append("host_id: must be a string")
-    else:
-        host_id = sanitize_host_id(host_source)
-        if not host_id:
-            problems.append(f"host_id: {host_source!r} has no letters or digits to use")
-
-    state_dir = text("state_dir")
+            read.problems.append(f"amqp_url: {redact_url(url)!r} {problem}")
+    exchange = read.exchange()
+    host_id = read.host_id()
+    state_dir = read.text("state_dir")
     problem = writable_dir_problem(Path(state_dir)) if state_dir is not None else None
     if problem:
-        problems.append(f"state_dir: {state_dir!r} {problem}")
+        read.problems.append(f"state_dir: {state_dir!r} {problem}")
+    log_level = read.choice("log_level", LOG_LEVELS)
+    log_format = read.choice("log_format", LOG_FORMATS)
+    poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
 
-    log_level = choice("log_level", LOG_LEVELS)
-    log_format = choice("log_format", LOG_FORMATS)
-
-    if problems or None in (exchange, state_dir, log_level, log_format):
-        raise ConfigError(problems)
-    assert exchange and state_dir and log_level and log_format  # for the type checker
+    if read.problems:
+        raise ConfigError(read.problems)
+    assert exchange and state_dir and log_level and log_format and poll_interval  # for mypy
     return Settings(
         libvirt_uris=libvirt_uris,
         amqp_urls=amqp_urls,
@@ -193,6 +223,7 @@ def validate(values: Mapping[str, object]) -> Settings:
         state_dir=Path(state_dir),
         log_level=log_level,
         log_format=log_format,
+        poll_interval=poll_interval,
     )
 
 

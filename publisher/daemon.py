@@ -1,26 +1,33 @@
-"""Wiring: drivers hand events to a queue; one thread numbers, envelopes and spools them.
+"""Wiring: drivers hand signals to a queue; one thread turns them into messages and spools them.
 
 Driver callbacks run on foreign threads and only `put_nowait` onto a bounded
-queue. The daemon thread is the single writer of the sequence counter and the
-spool, so message order is the order events were accepted. The broker thread
-publishes what is spooled.
+queue. The daemon thread is the single owner of the sequence counter, the
+domain trackers and the spool writes, so message order is the order signals
+were accepted. It alone talks to a backend outside callbacks: listings for the
+snapshot, resync and polling, and lookups of UUIDs it has never seen. The
+broker thread publishes what is spooled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Sequence
+from typing import Literal
 
 from publisher import __version__, schemas
 from publisher.broker import Broker, BrokerFatalError, Confirmed
 from publisher.config import Settings
 from publisher.driver import Driver, DriverError
 from publisher.envelope import Envelope, OutgoingMessage
-from publisher.event import DomainEvent, JSONValue
+from publisher.event import BackendChange, DomainEvent, DomainFacts, JSONValue
+from publisher.model import Publication, Tracker
+from publisher.redact import redact_url
 from publisher.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -30,9 +37,12 @@ BATCH_LIMIT = 500
 FIRST_CONNECT_WAIT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
 ROUTING_KEY_FORMAT = "v<major>.<host_id>.<entity>.<event>[.<detail>]"
+_EXISTENCE_BY_POLL = frozenset({"defined", "undefined", "started", "stopped"})
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+
+Signal = DomainEvent | BackendChange
 
 
 class Daemon:
@@ -44,24 +54,31 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.drivers = drivers
+        self._drivers = {driver.backend: driver for driver in drivers}
         self._on_confirmed = on_confirmed
-        self._inbox: queue.Queue[DomainEvent] = queue.Queue(maxsize=INBOX_LIMIT)
+        self._inbox: queue.Queue[Signal] = queue.Queue(maxsize=INBOX_LIMIT)
         self._envelope = Envelope(settings.host_id)
         self._sequence = 0
+        self._pending: list[OutgoingMessage] = []
+        self._trackers: dict[str, Tracker] = {}
+        self._next_poll: dict[str, float] = {}
         self.dropped = 0
         self.started = threading.Event()
         self.broker: Broker | None = None
         self._announce = threading.Event()
         """Set from the broker thread after a reconnect: the capabilities go out again."""
 
-    def accept(self, event: DomainEvent) -> None:
+    def accept(self, signal: Signal) -> None:
         """The `emit` of every driver: runs on foreign threads, never blocks, never raises."""
         try:
-            self._inbox.put_nowait(event)
+            self._inbox.put_nowait(signal)
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.error("event queue full: %d event(s) dropped so far", self.dropped)
+
+    def tracker(self, backend: str) -> Tracker:
+        return self._trackers[backend]
 
     def run(self, stop: threading.Event) -> int:
         """Runs until `stop` is set; returns the process exit code."""
@@ -71,6 +88,8 @@ class Daemon:
             log.error("%s", err)
             return EXIT_FAILURE
         self._sequence = spool.last_sequence()
+        known = spool.domains()
+        self._trackers = {b: Tracker(b, known.get(b)) for b in self._drivers}
         broker = self.broker = Broker(
             self.settings,
             spool,
@@ -84,14 +103,21 @@ class Daemon:
         broker.submit(leftovers)
         started: list[Driver] = []
         try:
-            # Backends first: events that arrive while the broker is still being reached
-            # wait in the queue, behind the capabilities message appended below.
+            # Backends first, each listed right after it subscribed: events that arrive
+            # while the broker is still being reached wait in the queue, behind the
+            # capabilities message and the snapshot built from these listings.
+            listings = []
             for driver in self.drivers:
                 driver.start(self.accept)
                 started.append(driver)
+                listings.append(self._list(driver))
             broker.start()
             broker.wait_first_attempt(FIRST_CONNECT_WAIT_S)
-            self._publish([self._capabilities()], spool, broker)
+            self._add_capabilities()
+            for driver, listing in zip(self.drivers, listings, strict=True):
+                if listing is not None:
+                    self._resync(driver, "startup", listing)
+            self._commit(spool, broker)
             self.started.set()
             self._loop(stop, spool, broker)
         except (BrokerFatalError, DriverError, SpoolError) as err:
@@ -120,43 +146,117 @@ class Daemon:
                 raise BrokerFatalError(broker.fatal)
             if self._announce.is_set():
                 self._announce.clear()
-                self._publish([self._capabilities()], spool, broker)
-            try:
-                first = self._inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self._publish(self._envelope_batch(first), spool, broker)
+                self._add_capabilities()
+            self._poll_due(time.monotonic())
+            with contextlib.suppress(queue.Empty):
+                self._handle(self._inbox.get(timeout=0.2))
+            self._take_queued(BATCH_LIMIT)
+            for tracker in self._trackers.values():
+                self._add_domain(tracker.settle(time.time()))
+            self._commit(spool, broker)
 
-    def _envelope_batch(self, first: DomainEvent) -> list[OutgoingMessage]:
-        """The event and whatever else is already queued, up to a batch: one spool commit."""
-        events = [first]
-        while len(events) < BATCH_LIMIT:
+    def _take_queued(self, limit: int) -> None:
+        """Handles what is already queued, up to `limit` messages: one spool commit for all."""
+        while len(self._pending) < limit:
             try:
-                events.append(self._inbox.get_nowait())
+                self._handle(self._inbox.get_nowait())
             except queue.Empty:
-                break
-        messages = []
-        for event in events:
-            self._sequence += 1
-            messages.append(self._envelope.domain_event(event, self._sequence))
-        return messages
-
-    def _flush(self, spool: Spool, broker: Broker) -> None:
-        """Spools what drivers queued before they stopped, so nothing accepted is lost."""
-        while not self._inbox.empty():
-            try:
-                self._publish(self._envelope_batch(self._inbox.get_nowait()), spool, broker)
-            except (queue.Empty, SpoolError) as err:
-                log.error("could not spool queued events at shutdown: %s", err)
                 return
 
-    @staticmethod
-    def _publish(messages: list[OutgoingMessage], spool: Spool, broker: Broker) -> None:
-        spool.append(messages)
-        broker.submit(messages)
+    def _handle(self, signal: Signal) -> None:
+        if isinstance(signal, BackendChange):
+            self._backend_changed(signal)
+            return
+        driver = self._drivers.get(signal.backend)
+        if driver is None:
+            log.error("dropped an event from unknown backend %s", signal.backend)
+            return
+        self._add_domain(self._trackers[signal.backend].apply(signal, driver.lookup))
 
-    def _capabilities(self) -> OutgoingMessage:
+    def _backend_changed(self, change: BackendChange) -> None:
+        driver = self._drivers[change.backend]
+        data: dict[str, JSONValue] = {
+            "backend": change.backend,
+            "uri": redact_url(getattr(driver, "uri", change.backend)),
+            "connected": change.connected,
+            "reason": change.reason,
+        }
+        detail = "connected" if change.connected else "disconnected"
+        self._add_publisher("backend", data, change.received_at, detail)
+        if change.connected:
+            self._add_capabilities()
+            listing = self._list(driver)
+            if listing is not None:
+                self._resync(driver, "reconnect", listing)
+
+    @staticmethod
+    def _list(driver: Driver) -> list[DomainFacts] | None:
+        try:
+            return driver.list_domains()
+        except DriverError as err:
+            log.warning("%s; resync waits for the backend to come back", err)
+            return None
+
+    def _resync(
+        self, driver: Driver, reason: Literal["startup", "reconnect"], listing: list[DomainFacts]
+    ) -> None:
+        """After a blind gap: publishes the transitions missed, then a snapshot of every domain.
+
+        The listing is taken right after the backend subscribed, and applied before
+        any event queued since: records kept from before the gap are stale, and an
+        event applied to a stale record could remove a domain that still exists.
+        An event the listing already reflects is then published once more, with
+        existence still right.
+        """
+        now = time.time()
+        tracker = self._trackers[driver.backend]
+        self._add_domain(tracker.reconcile(listing, "resync", now))
+        snapshot_id = str(uuid.uuid4())
+        bracket: dict[str, JSONValue] = {
+            "backend": driver.backend,
+            "snapshot_id": snapshot_id,
+            "reason": reason,
+        }
+        self._add_publisher("snapshot", {**bracket, "phase": "begin"}, now, "begin")
+        entries = tracker.snapshot(listing, now)
+        self._add_domain(entries)
+        end: dict[str, JSONValue] = {**bracket, "phase": "end", "domains": len(entries)}
+        self._add_publisher("snapshot", end, now, "end")
+        self._next_poll[driver.backend] = time.monotonic() + driver.poll_interval
+
+    def _poll_due(self, now: float) -> None:
+        for driver in self.drivers:
+            if not driver.polled or now < self._next_poll.get(driver.backend, 0.0):
+                continue
+            self._next_poll[driver.backend] = now + driver.poll_interval
+            # Records are current here (not stale as after a gap): queued events first, so
+            # the listing is compared with what they already told.
+            self._take_queued(INBOX_LIMIT)
+            try:
+                listing = driver.list_domains()
+            except DriverError as err:
+                log.debug("poll skipped: %s", err)
+                continue
+            allowed = driver.polled
+            if allowed & _EXISTENCE_BY_POLL:
+                allowed |= {"added", "removed"}
+            tracker = self._trackers[driver.backend]
+            self._add_domain(tracker.reconcile(listing, "poll", time.time(), allowed))
+
+    def _add_domain(self, publications: list[Publication]) -> None:
+        for publication in publications:
+            self._sequence += 1
+            self._pending.append(self._envelope.domain_event(publication, self._sequence))
+
+    def _add_publisher(
+        self, event: str, data: dict[str, JSONValue], received_at: float, detail: str | None = None
+    ) -> None:
         self._sequence += 1
+        self._pending.append(
+            self._envelope.publisher_event(event, data, self._sequence, received_at, detail)
+        )
+
+    def _add_capabilities(self) -> None:
         data: dict[str, JSONValue] = {
             "publisher": {"name": "virtpub", "version": __version__},
             "host_id": self.settings.host_id,
@@ -164,4 +264,21 @@ class Daemon:
             "schemas": {name: schemas.info(name).version for name in schemas.ALL},
             "backends": [driver.capabilities().to_json() for driver in self.drivers],
         }
-        return self._envelope.publisher_event("capabilities", data, self._sequence, time.time())
+        self._add_publisher("capabilities", data, time.time())
+
+    def _commit(self, spool: Spool, broker: Broker) -> None:
+        """Spools the pending messages with the domain records they lead to, in one transaction."""
+        if not self._pending:
+            return
+        messages, self._pending = self._pending, []
+        changes = {backend: t.take_changes() for backend, t in self._trackers.items()}
+        spool.append(messages, changes)
+        broker.submit(messages)
+
+    def _flush(self, spool: Spool, broker: Broker) -> None:
+        """Spools what drivers queued before they stopped, so nothing accepted is lost."""
+        try:
+            self._take_queued(INBOX_LIMIT)
+            self._commit(spool, broker)
+        except SpoolError as err:
+            log.error("could not spool queued events at shutdown: %s", err)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from publisher.capabilities import BackendCapabilities
-from publisher.event import DomainEvent
+from publisher.event import BackendChange, DomainEvent, DomainFacts
 
-Emit = Callable[[DomainEvent], None]
-"""Hands an event to the publisher. Never blocks and never raises: safe on any thread."""
+Emit = Callable[[DomainEvent | BackendChange], None]
+"""Hands a signal to the publisher. Never blocks and never raises: safe on any thread."""
 
 
 class Driver(Protocol):
@@ -29,6 +29,22 @@ class Driver(Protocol):
 
     def capabilities(self) -> BackendCapabilities:
         """What this backend emits, as found when it started."""
+        ...
+
+    @property
+    def polled(self) -> frozenset[str]:
+        """Event types the backend cannot emit, which the daemon finds by polling instead."""
+        ...
+
+    @property
+    def poll_interval(self) -> float: ...
+
+    def list_domains(self) -> list[DomainFacts]:
+        """Every domain now. Called on the daemon thread; raises DriverError while disconnected."""
+        ...
+
+    def lookup(self, uuid: str) -> DomainFacts | Literal["gone"] | None:
+        """One domain now: its facts, "gone" if it does not exist, None if the backend can't say."""
         ...
 
     def stop(self) -> None:

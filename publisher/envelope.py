@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from publisher import schemas
-from publisher.event import DomainEvent, JSONValue
+from publisher.event import JSONValue
+from publisher.model import Publication
 
 CONTENT_TYPE = "application/cloudevents+json"
 TYPE_PREFIX = "org.virtpub."
@@ -54,23 +55,36 @@ class Envelope:
         self.host_id = host_id
         self.publisher_source = f"virtpub://{host_id}/publisher"
 
-    def domain_event(self, event: DomainEvent, sequence: int) -> OutgoingMessage:
+    def domain_event(self, publication: Publication, sequence: int) -> OutgoingMessage:
+        event = publication.event
         domain: dict[str, JSONValue] = {"uuid": event.domain.uuid, "name": event.domain.name}
-        if event.domain.id is not None:
+        if event.domain.id is not None and publication.state.active:
             domain["id"] = event.domain.id
-        codes: dict[str, JSONValue] = {"event_id": event.codes.event_id}
-        if event.codes.event is not None:
-            codes["event"] = event.codes.event
-        if event.codes.detail is not None:
-            codes["detail"] = event.codes.detail
+        state = publication.state
         data: dict[str, JSONValue] = {
             "domain": domain,
             "event": event.event,
             "detail": event.detail,
-            "codes": codes,
             "origin": event.origin,
+            "persistent": publication.persistent,
+            "state": {
+                "state": state.state,
+                "reason": state.reason,
+                "state_code": state.state_code,
+                "reason_code": state.reason_code,
+            },
+            "seq": publication.seq,
             "info": dict(event.info),
         }
+        if event.codes is not None:
+            codes: dict[str, JSONValue] = {"event_id": event.codes.event_id}
+            if event.codes.event is not None:
+                codes["event"] = event.codes.event
+            if event.codes.detail is not None:
+                codes["detail"] = event.codes.detail
+            data["codes"] = codes
+        if publication.rename is not None:
+            data["rename"] = {"old_name": publication.rename[0], "new_name": publication.rename[1]}
         return self._message(
             schema=schemas.info(schemas.DOMAIN_EVENT),
             entity="domain",
@@ -84,13 +98,18 @@ class Envelope:
         )
 
     def publisher_event(
-        self, event: str, data: dict[str, JSONValue], sequence: int, received_at: float
+        self,
+        event: str,
+        data: dict[str, JSONValue],
+        sequence: int,
+        received_at: float,
+        detail: str | None = None,
     ) -> OutgoingMessage:
         return self._message(
             schema=schemas.info(f"publisher-{event}"),
             entity="publisher",
             event=event,
-            detail=None,
+            detail=detail,
             source=self.publisher_source,
             subject=self.host_id,
             data=data,

@@ -26,6 +26,46 @@ class DomainRef:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainState:
+    """libvirt's state and reason of a domain, as names and codes (`running`/`booted`, 1/1)."""
+
+    state: str
+    reason: str
+    state_code: int
+    reason_code: int
+
+    @property
+    def active(self) -> bool:
+        """Whether the domain may be running; a transient domain exists exactly while active.
+
+        Only `shutoff` is inactive: `nostate` (what virtpub records when it could not
+        learn a state) counts as active, so an unknown state never leads to a `removed`.
+        """
+        return self.state != "shutoff"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFacts:
+    """What a backend's listing says about one domain, read on the daemon thread."""
+
+    uuid: str
+    name: str
+    id: int | None
+    persistent: bool
+    state: DomainState
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChange:
+    """A backend's connection was lost or (re)established."""
+
+    backend: str
+    connected: bool
+    reason: str | None
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Codes:
     """libvirt's raw numeric codes, kept so consumers can act on values this build cannot name."""
 
@@ -41,17 +81,20 @@ class DomainEvent:
     `event` and `detail` are lowercase names taken from libvirt's own constants
     (`stopped`/`destroyed`, `rtc_change`/None); a code this build cannot name is
     rendered as `unknown_<code>` so it is still published and routable.
-    `info` carries the fields specific to the event ID.
+    `info` carries the fields specific to the event ID. `state` is the state the
+    event implies (a `started` means running), None where it implies none.
+    `codes` are None for events virtpub derives, polls or resyncs itself.
     """
 
     backend: str
     event: str
     detail: str | None
     domain: DomainRef
-    codes: Codes
+    codes: Codes | None
     origin: str
     received_at: float
     info: Mapping[str, JSONValue] = field(default_factory=dict)
+    state: DomainState | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))

@@ -17,7 +17,9 @@ VERSION_KEY = "x-virtpub-version"
 
 DOMAIN_EVENT = "domain-event"
 PUBLISHER_CAPABILITIES = "publisher-capabilities"
-ALL = (DOMAIN_EVENT, PUBLISHER_CAPABILITIES)
+PUBLISHER_SNAPSHOT = "publisher-snapshot"
+PUBLISHER_BACKEND = "publisher-backend"
+ALL = (DOMAIN_EVENT, PUBLISHER_CAPABILITIES, PUBLISHER_SNAPSHOT, PUBLISHER_BACKEND)
 
 
 def schema_dir() -> Path:

@@ -1,5 +1,9 @@
 """A durable FIFO of accepted messages: in it before publishing, out of it after the broker's ack.
 
+Beside the messages it keeps what virtpub last published about each domain, in
+the same transaction: after a crash or restart the two always agree, so the
+resync compares libvirt's listing with exactly what consumers were told.
+
 SQLite in WAL mode with `synchronous=FULL`: a committed append survives a kill
 and a power cut. Appends come in batches, one transaction (one fsync) each, so
 durability does not cost an fsync per event. The spool also keeps the last
@@ -12,10 +16,13 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from publisher.envelope import OutgoingMessage
+from publisher.event import DomainState
+from publisher.model import Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -31,7 +38,22 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS domains (
+    backend     TEXT NOT NULL,
+    uuid        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    persistent  INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state_code  INTEGER NOT NULL,
+    reason_code INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (backend, uuid)
+);
 """
+
+DomainChanges = Mapping[str, tuple[Mapping[str, Record], AbstractSet[str]]]
+"""Per backend: the records that changed and the UUIDs that no longer exist."""
 
 
 class SpoolError(Exception):
@@ -76,10 +98,39 @@ class Spool:
             for seq, mid, key, mtype, ts, headers, body in rows
         ]
 
-    def append(self, messages: Sequence[OutgoingMessage]) -> None:
+    def domains(self) -> dict[str, dict[str, Record]]:
+        """What was last published about each domain, per backend."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT backend, uuid, name, persistent, state, reason, state_code, reason_code,"
+                " seq FROM domains"
+            ).fetchall()
+        result: dict[str, dict[str, Record]] = {}
+        for backend, uuid, name, persistent, state, reason, state_code, reason_code, seq in rows:
+            result.setdefault(backend, {})[uuid] = Record(
+                name, bool(persistent), DomainState(state, reason, state_code, reason_code), seq
+            )
+        return result
+
+    def append(
+        self, messages: Sequence[OutgoingMessage], domains: DomainChanges | None = None
+    ) -> None:
         if not messages:
             return
         with self._transaction():
+            for backend, (changed, removed) in (domains or {}).items():
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (backend, uuid, r.name, int(r.persistent), r.state.state,
+                         r.state.reason, r.state.state_code, r.state.reason_code, r.seq)
+                        for uuid, r in changed.items()
+                    ],
+                )  # fmt: skip
+                self._db.executemany(
+                    "DELETE FROM domains WHERE backend = ? AND uuid = ?",
+                    [(backend, uuid) for uuid in removed],
+                )
             self._db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [

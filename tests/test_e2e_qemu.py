@@ -6,44 +6,18 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import libvirt
-import pytest
-
-from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
-
-QEMU_URI = "qemu:///system"
-GUEST_XML = """<domain type='qemu'>
-  <name>{name}</name><uuid>{uuid}</uuid>
-  <memory unit='MiB'>64</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='network'/></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
-</domain>"""
-
-
-@pytest.fixture
-def qemu() -> Iterator[Any]:
-    """A connection for the test's own actions; guests it leaves behind are removed."""
-    try:
-        conn = libvirt.open(QEMU_URI)
-    except libvirt.libvirtError as err:
-        pytest.fail(f"no libvirtd at {QEMU_URI} ({err}); run `bash .ci/run`")
-    yield conn
-    for dom in conn.listAllDomains():
-        if dom.name().startswith("virtpub-e2e-"):
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
-    conn.close()
-
-
-def guest_xml() -> tuple[str, str]:
-    dom_uuid = str(uuid.uuid4())
-    return GUEST_XML.format(name=f"virtpub-e2e-{dom_uuid[:8]}", uuid=dom_uuid), dom_uuid
+from tests.conftest import (
+    HOST_ID,
+    QEMU_URI,
+    Consumer,
+    Received,
+    RunningPublisher,
+    assert_valid,
+    guest_xml,
+)
 
 
 def events_of(messages: list[Received], dom_uuid: str) -> list[str]:
@@ -70,6 +44,7 @@ def test_guest_lifecycle_from_a_real_libvirtd(
     # libvirtd with QEMU resumes the vCPUs before it reports the boot, and reports a
     # destroy as a host-initiated shutdown followed by the stop.
     expected = [
+        f"{prefix}.added.defined",
         f"{prefix}.defined.added",
         f"{prefix}.resumed.unpaused",
         f"{prefix}.started.booted",
@@ -78,6 +53,7 @@ def test_guest_lifecycle_from_a_real_libvirtd(
         f"{prefix}.shutdown.host",
         f"{prefix}.stopped.destroyed",
         f"{prefix}.undefined.removed",
+        f"{prefix}.removed.undefined",
     ]
     received = domains.collect(lambda m: len(events_of(m, dom_uuid)) >= len(expected))
     assert events_of(received, dom_uuid) == expected
@@ -107,10 +83,12 @@ def test_transient_guest_from_a_real_libvirtd(
 
     prefix = f"v1.{HOST_ID}.domain"
     expected = [
+        f"{prefix}.added.started",
         f"{prefix}.resumed.unpaused",
         f"{prefix}.started.booted",
         f"{prefix}.shutdown.host",
         f"{prefix}.stopped.destroyed",
+        f"{prefix}.removed.stopped",
     ]
     received = domains.collect(lambda m: len(events_of(m, dom_uuid)) >= len(expected))
     assert events_of(received, dom_uuid) == expected

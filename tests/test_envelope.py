@@ -27,7 +27,8 @@ from publisher import __version__, schemas
 from publisher.capabilities import BackendCapabilities, EventSupport
 from publisher.daemon import ROUTING_KEY_FORMAT
 from publisher.envelope import CONTENT_TYPE, Envelope, OutgoingMessage, rfc3339, routing_key
-from publisher.event import DomainEvent, DomainRef
+from publisher.event import DomainEvent, DomainFacts, DomainRef, DomainState
+from publisher.model import GONE, Publication, Tracker
 from publisher.redact import redact_url
 
 HOST = "hv01"
@@ -36,6 +37,8 @@ RECEIVED_AT = 1_700_000_000.123456
 UUID = "6f1c6a52-3d0e-4b8a-9a43-1f0e2f7f6a11"
 CATALOG = Catalog(vars(libvirt))
 SPECS = {spec.constant: spec for spec in CATALOG.ids}
+RUNNING = CATALOG.domain_state(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+SHUTOFF = CATALOG.domain_state(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
 
 
 def domain_event(constant: str, *args: object, dom_id: int | None = 7) -> DomainEvent:
@@ -47,6 +50,21 @@ def domain_event(constant: str, *args: object, dom_id: int | None = 7) -> Domain
         args=args,
         received_at=RECEIVED_AT,
     )
+
+
+def published(
+    event: DomainEvent,
+    *,
+    persistent: bool = True,
+    state: DomainState | None = None,
+    seq: int = 3,
+    rename: tuple[str, str | None] | None = None,
+) -> Publication:
+    """What the Tracker hands the envelope: by default the state the event implies, else
+    running for a running domain (it has an id) and shut off otherwise."""
+    if state is None:
+        state = event.state or (RUNNING if event.domain.id is not None else SHUTOFF)
+    return Publication(event, persistent, state, seq, rename)
 
 
 def body_of(message: OutgoingMessage) -> dict[str, Any]:
@@ -68,7 +86,9 @@ def capabilities_data() -> dict[str, Any]:
         libvirt_version="10.0.0",
         events={
             **{name: EventSupport("native") for name in CATALOG.event_types()},
+            **{name: EventSupport("derived") for name in ("added", "removed", "snapshot")},
             "block_threshold": EventSupport("unsupported", "not supported by this driver"),
+            "pmsuspended": EventSupport("polled", "the backend does not emit it", 10.0),
         },
     )
     return {
@@ -82,7 +102,12 @@ def capabilities_data() -> dict[str, Any]:
 
 @pytest.fixture
 def stopped() -> OutgoingMessage:
-    return Envelope(HOST).domain_event(domain_event("LIFECYCLE", 5, 1, dom_id=None), 42)
+    return Envelope(HOST).domain_event(published(domain_event("LIFECYCLE", 5, 1, dom_id=None)), 42)
+
+
+@pytest.fixture
+def snapshot_begin() -> OutgoingMessage:
+    return snapshot_message("begin")
 
 
 @pytest.fixture
@@ -144,16 +169,166 @@ def test_lifecycle_data_and_codes(stopped: OutgoingMessage) -> None:
         "detail": "destroyed",
         "codes": {"event_id": libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, "event": 5, "detail": 1},
         "origin": "libvirt",
+        "persistent": True,
+        "state": {
+            "state": "shutoff",
+            "reason": "destroyed",
+            "state_code": libvirt.VIR_DOMAIN_SHUTOFF,
+            "reason_code": libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED,
+        },
+        "seq": 3,
         "info": {},
     }
 
 
 def test_running_domain_id_and_info_are_in_the_data() -> None:
-    message = Envelope(HOST).domain_event(domain_event("RTC_CHANGE", -3600), 3)
+    message = Envelope(HOST).domain_event(published(domain_event("RTC_CHANGE", -3600)), 3)
     data = body_of(message)["data"]
     assert data["domain"] == {"uuid": UUID, "name": "web-01", "id": 7}
     assert data["codes"] == {"event_id": libvirt.VIR_DOMAIN_EVENT_ID_RTC_CHANGE}
     assert (data["detail"], data["info"]) == (None, {"utcoffset": -3600})
+
+
+# --- the domain's situation after the event (domain-event 1.1) ---------------------------------
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistence_and_seq_come_from_the_publication(persistent: bool) -> None:
+    publication = published(domain_event("REBOOT"), persistent=persistent, seq=17)
+    data = body_of(Envelope(HOST).domain_event(publication, 99))["data"]
+    assert (data["persistent"], data["seq"]) == (persistent, 17)
+    assert body_of(Envelope(HOST).domain_event(publication, 99))["sequence"] == 99
+
+
+def test_state_carries_names_and_codes() -> None:
+    paused = CATALOG.domain_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+    message = Envelope(HOST).domain_event(published(domain_event("REBOOT"), state=paused), 1)
+    assert body_of(message)["data"]["state"] == {
+        "state": "paused",
+        "reason": "ioerror",
+        "state_code": libvirt.VIR_DOMAIN_PAUSED,
+        "reason_code": libvirt.VIR_DOMAIN_PAUSED_IOERROR,
+    }
+
+
+def test_state_of_an_unnamed_code_is_still_published() -> None:
+    future = CATALOG.domain_state(42, 9)
+    message = Envelope(HOST).domain_event(published(domain_event("REBOOT"), state=future), 1)
+    body = body_of(message)
+    assert body["data"]["state"] == {
+        "state": "unknown_42",
+        "reason": "unknown_9",
+        "state_code": 42,
+        "reason_code": 9,
+    }
+    validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+@pytest.mark.parametrize(
+    ("state", "has_id"),
+    [
+        (RUNNING, True),
+        (CATALOG.domain_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER), True),
+        (SHUTOFF, False),
+        # An unknown state may be a running one: the id the event carried is kept.
+        (DomainState("nostate", "unknown", libvirt.VIR_DOMAIN_NOSTATE, 0), True),
+    ],
+    ids=lambda v: v.state if isinstance(v, DomainState) else str(v),
+)
+def test_domain_id_is_omitted_when_the_state_is_not_active(
+    state: DomainState, has_id: bool
+) -> None:
+    """A stale runtime id (the event still had one) must not outlive the run it belonged to."""
+    message = Envelope(HOST).domain_event(published(domain_event("REBOOT"), state=state), 1)
+    domain = body_of(message)["data"]["domain"]
+    assert ("id" in domain) is has_id
+    if has_id:
+        assert domain["id"] == 7
+
+
+def test_rename_is_present_only_when_given() -> None:
+    renamed = domain_event("LIFECYCLE", libvirt.VIR_DOMAIN_EVENT_DEFINED, 2, dom_id=None)
+    assert renamed.detail == "renamed"
+    envelope = Envelope(HOST)
+    with_rename = body_of(envelope.domain_event(published(renamed, rename=("web-01", "web-02")), 1))
+    assert with_rename["data"]["rename"] == {"old_name": "web-01", "new_name": "web-02"}
+    validator(schemas.DOMAIN_EVENT).validate(with_rename)
+    unknown_new = body_of(envelope.domain_event(published(renamed, rename=("web-01", None)), 2))
+    assert unknown_new["data"]["rename"] == {"old_name": "web-01", "new_name": None}
+    validator(schemas.DOMAIN_EVENT).validate(unknown_new)
+    assert "rename" not in body_of(envelope.domain_event(published(renamed), 3))["data"]
+
+
+def tracked(*events: DomainEvent) -> list[Publication]:
+    """Publications as the daemon gets them: through a Tracker, the domain new to it."""
+    tracker = Tracker(BACKEND)
+    facts = DomainFacts(UUID, "web-01", 7, False, RUNNING)
+    out: list[Publication] = []
+    for event in events:
+        out.extend(tracker.apply(event, lambda uuid: facts if uuid == UUID else GONE))
+    return out
+
+
+def test_derived_added_and_removed_have_no_codes_and_validate() -> None:
+    started = domain_event("LIFECYCLE", libvirt.VIR_DOMAIN_EVENT_STARTED, 0)
+    stopped = domain_event("LIFECYCLE", libvirt.VIR_DOMAIN_EVENT_STOPPED, 1, dom_id=None)
+    envelope = Envelope(HOST)
+    bodies = [
+        body_of(envelope.domain_event(p, n))
+        for n, p in enumerate(tracked(started, stopped), start=1)
+    ]
+    summary = [(b["data"]["event"], b["data"]["detail"], b["data"]["origin"]) for b in bodies]
+    assert summary == [
+        ("added", "started", "derived"),
+        ("started", "booted", "libvirt"),
+        ("stopped", "destroyed", "libvirt"),
+        ("removed", "stopped", "derived"),
+    ]
+    added, started_body, stopped_body, removed = bodies
+    assert "codes" not in added["data"]
+    assert "codes" not in removed["data"]
+    assert started_body["data"]["codes"]["event"] == libvirt.VIR_DOMAIN_EVENT_STARTED
+    assert stopped_body["data"]["codes"]["event"] == libvirt.VIR_DOMAIN_EVENT_STOPPED
+    assert [b["data"]["seq"] for b in bodies] == [1, 2, 3, 4]
+    assert [b["data"]["persistent"] for b in bodies] == [False] * 4
+    assert [b["data"]["state"]["state"] for b in bodies] == [
+        "running",
+        "running",
+        "shutoff",
+        "shutoff",
+    ]
+    assert added["data"]["domain"] == {"uuid": UUID, "name": "web-01", "id": 7}
+    assert removed["data"]["domain"] == {"uuid": UUID, "name": "web-01"}
+    for body in bodies:
+        validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+def test_derived_event_routing_key_names_the_cause() -> None:
+    (added, _) = tracked(domain_event("LIFECYCLE", libvirt.VIR_DOMAIN_EVENT_STARTED, 0))
+    message = Envelope(HOST).domain_event(added, 1)
+    assert message.routing_key == f"v1.{HOST}.domain.added.started"
+    assert message.type == "org.virtpub.domain.added"
+    assert message.headers["detail"] == "started"
+
+
+def test_snapshot_and_resync_entries_have_no_codes_and_validate() -> None:
+    tracker = Tracker(BACKEND)
+    listing = [DomainFacts(UUID, "web-01", 7, True, RUNNING)]
+    resynced = tracker.reconcile(listing, "resync", RECEIVED_AT)
+    snapshot = tracker.snapshot(listing, RECEIVED_AT)
+    envelope = Envelope(HOST)
+    bodies = [body_of(envelope.domain_event(p, n)) for n, p in enumerate(resynced + snapshot, 1)]
+    assert [(b["data"]["event"], b["data"]["origin"]) for b in bodies] == [
+        ("added", "resync"),
+        ("defined", "resync"),
+        ("started", "resync"),
+        ("snapshot", "snapshot"),
+    ]
+    assert all("codes" not in b["data"] for b in bodies)
+    assert bodies[-1]["data"]["seq"] == 4
+    assert envelope.domain_event(snapshot[0], 9).routing_key == f"v1.{HOST}.domain.snapshot"
+    for body in bodies:
+        validator(schemas.DOMAIN_EVENT).validate(body)
 
 
 def test_domain_event_headers_and_routing_key(stopped: OutgoingMessage) -> None:
@@ -170,14 +345,14 @@ def test_domain_event_headers_and_routing_key(stopped: OutgoingMessage) -> None:
 
 
 def test_event_without_detail_has_no_detail_header_or_segment() -> None:
-    message = Envelope(HOST).domain_event(domain_event("REBOOT"), 3)
+    message = Envelope(HOST).domain_event(published(domain_event("REBOOT")), 3)
     assert "detail" not in message.headers
     assert message.routing_key.endswith(".domain.reboot")
 
 
 def test_each_message_gets_a_fresh_id() -> None:
-    envelope, event = Envelope(HOST), domain_event("REBOOT")
-    assert envelope.domain_event(event, 1).id != envelope.domain_event(event, 2).id
+    envelope, publication = Envelope(HOST), published(domain_event("REBOOT"))
+    assert envelope.domain_event(publication, 1).id != envelope.domain_event(publication, 2).id
 
 
 def test_body_is_compact_utf8_json() -> None:
@@ -190,7 +365,7 @@ def test_body_is_compact_utf8_json() -> None:
         args=(),
         received_at=RECEIVED_AT,
     )
-    body = Envelope(HOST).domain_event(event, 1).body
+    body = Envelope(HOST).domain_event(published(event), 1).body
     assert "café".encode() in body
     assert b", " not in body
 
@@ -229,7 +404,8 @@ def info_schemas() -> dict[str, dict[str, Any]]:
     return {
         b["if"]["properties"]["event"]["const"]: b["then"]["properties"]["info"]
         for b in branches
-        if "const" in b["if"]["properties"]["event"]
+        if "const" in b["if"]["properties"].get("event", {})
+        and "properties" in b["then"]["properties"]["info"]
     }
 
 
@@ -242,12 +418,19 @@ def test_every_described_event_id_of_the_binding_validates(constant: str) -> Non
     per_event = info_schemas()
     assert spec.event_type in per_event, f"schema has no info description for {spec.event_type}"
     event = domain_event(constant, *sample_args(spec, per_event[spec.event_type]))
-    validator(schemas.DOMAIN_EVENT).validate(body_of(Envelope(HOST).domain_event(event, 1)))
+    validator(schemas.DOMAIN_EVENT).validate(
+        body_of(Envelope(HOST).domain_event(published(event), 1))
+    )
 
 
 def test_every_lifecycle_type_of_the_binding_is_in_the_schema() -> None:
     branches = schemas.info(schemas.DOMAIN_EVENT).load()["$defs"]["data"]["allOf"]
-    (lifecycle,) = [b for b in branches if "enum" in b["if"]["properties"]["event"]]
+    (lifecycle,) = [
+        b
+        for b in branches
+        if "enum" in b["if"]["properties"].get("event", {})
+        and b["if"]["properties"].get("origin") == {"const": "libvirt"}
+    ]
     assert set(CATALOG.lifecycle_types) <= set(lifecycle["if"]["properties"]["event"]["enum"])
 
 
@@ -262,7 +445,7 @@ def test_id_without_known_fields_validates_with_args() -> None:
         args=(1, (2, "x")),
         received_at=RECEIVED_AT,
     )
-    body = body_of(Envelope(HOST).domain_event(event, 1))
+    body = body_of(Envelope(HOST).domain_event(published(event), 1))
     assert body["data"]["info"] == {"args": [1, [2, "x"]]}
     validator(schemas.DOMAIN_EVENT).validate(body)
 
@@ -277,6 +460,15 @@ def test_id_without_known_fields_validates_with_args() -> None:
         (("subject",), "web-01"),
         (("sequence",), 0),
         (("data", "info"), {"utcoffset": 1}),
+        (("data", "seq"), 0),
+        (("data", "persistent"), "yes"),
+        (("data", "state", "state"), "Shut Off"),
+        (("data", "state", "reason_code"), "2"),
+        (("data", "state", "extra"), 1),
+        (("data", "rename"), {"old_name": "web-01"}),
+        (("data", "codes"), {"event": 5, "detail": 1}),
+        (("data", "codes"), {"event_id": 0, "detail": 1}),
+        (("data", "domain", "id"), -1),
     ],
 )
 def test_schema_rejects_a_wrong_field(
@@ -291,6 +483,44 @@ def test_schema_rejects_a_wrong_field(
     target[last] = bad
     with pytest.raises(jsonschema.ValidationError):
         validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+@pytest.mark.parametrize("field", ["persistent", "state", "seq"])
+def test_schema_requires_the_situation_fields(stopped: OutgoingMessage, field: str) -> None:
+    body = copy.deepcopy(body_of(stopped))
+    del body["data"][field]
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"event": "added", "detail": "booted", "origin": "derived"}, "added cause is an enum"),
+        ({"event": "removed", "detail": "vanished", "origin": "libvirt"}, "libvirt never says it"),
+        ({"event": "snapshot", "detail": None, "origin": "resync"}, "snapshot origin"),
+        ({"event": "snapshot", "detail": "now", "origin": "snapshot"}, "snapshot has no detail"),
+        ({"event": "stopped", "detail": "destroyed", "origin": "resync", "info": {"a": 1}}, "info"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_schema_rejects_wrong_existence_and_snapshot_events(
+    stopped: OutgoingMessage, changes: dict[str, Any], why: str
+) -> None:
+    body = copy.deepcopy(body_of(stopped))
+    del body["data"]["codes"]
+    body["data"].update(changes)
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.DOMAIN_EVENT).validate(body)
+
+
+def test_schema_requires_codes_on_libvirt_lifecycle_events(stopped: OutgoingMessage) -> None:
+    body = copy.deepcopy(body_of(stopped))
+    del body["data"]["codes"]
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.DOMAIN_EVENT).validate(body)
+    body["data"]["origin"] = "resync"
+    validator(schemas.DOMAIN_EVENT).validate(body)
 
 
 # --- the capabilities message ------------------------------------------------------------------
@@ -328,13 +558,109 @@ def test_capabilities_to_json_omits_absent_reasons_and_sorts_events() -> None:
         "reason": "not supported by this driver",
     }
     assert backend["events"]["reboot"] == {"status": "native"}
+    assert backend["events"]["added"] == {"status": "derived"}
+    assert backend["events"]["pmsuspended"] == {
+        "status": "polled",
+        "reason": "the backend does not emit it",
+        "interval_s": 10.0,
+    }
     assert list(backend["events"]) == sorted(backend["events"])
+
+
+@pytest.mark.parametrize("interval", [None, 0, -1, "10"])
+def test_capabilities_schema_requires_a_positive_interval_for_polled_events(
+    capabilities: OutgoingMessage, interval: object
+) -> None:
+    body = copy.deepcopy(body_of(capabilities))
+    entry = body["data"]["backends"][0]["events"]["pmsuspended"]
+    if interval is None:
+        del entry["interval_s"]
+    else:
+        entry["interval_s"] = interval
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.PUBLISHER_CAPABILITIES).validate(body)
+
+
+# --- snapshot brackets and backend connection messages ---------------------------------------
+
+SNAPSHOT_ID = "0d5c2a8e-7b4f-4c1e-9a3d-6f2b8e1c4a70"
+
+
+def snapshot_message(phase: str, **extra: Any) -> OutgoingMessage:
+    """Shaped like Daemon._resync's bracket."""
+    data = {"backend": BACKEND, "snapshot_id": SNAPSHOT_ID, "reason": "startup", "phase": phase}
+    return Envelope(HOST).publisher_event("snapshot", {**data, **extra}, 5, RECEIVED_AT, phase)
+
+
+def backend_message(connected: bool) -> OutgoingMessage:
+    """Shaped like Daemon._backend_changed."""
+    data: dict[str, Any] = {
+        "backend": BACKEND,
+        "uri": "qemu:///system",
+        "connected": connected,
+        "reason": None if connected else "End of file while reading data: Input/output error",
+    }
+    detail = "connected" if connected else "disconnected"
+    return Envelope(HOST).publisher_event("backend", data, 6, RECEIVED_AT, detail)
+
+
+@pytest.mark.parametrize(
+    ("message", "name", "detail"),
+    [
+        (snapshot_message("begin"), schemas.PUBLISHER_SNAPSHOT, "begin"),
+        (snapshot_message("end", domains=2), schemas.PUBLISHER_SNAPSHOT, "end"),
+        (backend_message(True), schemas.PUBLISHER_BACKEND, "connected"),
+        (backend_message(False), schemas.PUBLISHER_BACKEND, "disconnected"),
+    ],
+    ids=["snapshot-begin", "snapshot-end", "backend-connected", "backend-disconnected"],
+)
+def test_publisher_event_with_detail(message: OutgoingMessage, name: str, detail: str) -> None:
+    info = schemas.info(name)
+    event = name.removeprefix("publisher-")
+    body = body_of(message)
+    assert message.routing_key == f"v{info.major}.{HOST}.publisher.{event}.{detail}"
+    assert message.type == body["type"] == f"org.virtpub.publisher.{event}"
+    assert message.headers == {
+        "host_id": HOST,
+        "entity": "publisher",
+        "event": event,
+        "detail": detail,
+        "schema": name,
+        "schema_version": info.version,
+    }
+    assert body["source"] == f"virtpub://{HOST}/publisher"
+    assert body["subject"] == HOST
+    assert body["dataschema"] == info.uri
+    validator(name).validate(body)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        snapshot_message("end"),  # end must say how many domains the bracket held
+        snapshot_message("middle"),
+        snapshot_message("begin", reason="boredom"),
+        snapshot_message("begin", snapshot_id="not-a-uuid"),
+        snapshot_message("end", domains=-1),
+    ],
+    ids=["end-without-count", "phase", "reason", "snapshot_id", "negative-count"],
+)
+def test_snapshot_schema_rejects_a_wrong_bracket(message: OutgoingMessage) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.PUBLISHER_SNAPSHOT).validate(body_of(message))
+
+
+def test_backend_schema_rejects_a_missing_connected_flag() -> None:
+    body = copy.deepcopy(body_of(backend_message(True)))
+    del body["data"]["connected"]
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.PUBLISHER_BACKEND).validate(body)
 
 
 # --- CloudEvents SDK ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["stopped", "capabilities"])
+@pytest.mark.parametrize("which", ["stopped", "capabilities", "snapshot_begin"])
 def test_message_parses_with_the_cloudevents_sdk(
     which: str, request: pytest.FixtureRequest
 ) -> None:

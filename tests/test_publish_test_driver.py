@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -46,16 +47,25 @@ def test_persistent_lifecycle_is_published_in_order_after_capabilities(
     dom.destroy()
     dom.undefine()
 
-    messages = consumer.collect(count_for(dom_uuid, 6))
+    messages = consumer.collect(count_for(dom_uuid, 8))
     assert messages[0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
     assert keys_for(messages, dom_uuid) == [
+        f"v1.{HOST_ID}.domain.added.defined",
         f"v1.{HOST_ID}.domain.defined.added",
         f"v1.{HOST_ID}.domain.started.booted",
         f"v1.{HOST_ID}.domain.suspended.paused",
         f"v1.{HOST_ID}.domain.resumed.unpaused",
         f"v1.{HOST_ID}.domain.stopped.destroyed",
         f"v1.{HOST_ID}.domain.undefined.removed",
+        f"v1.{HOST_ID}.domain.removed.undefined",
     ]
+    ours = [m for m in messages if m.body.get("subject") == dom_uuid]
+    assert [m.body["data"]["seq"] for m in ours] == list(range(1, 9))
+    assert [m.body["data"]["persistent"] for m in ours] == [True] * 6 + [False, False]
+    assert [m.body["data"]["state"]["state"] for m in ours] == [
+        "shutoff", "shutoff", "running", "paused", "running", "shutoff", "shutoff", "shutoff",
+    ]  # fmt: skip
+    assert [m.body["data"]["origin"] for m in ours] == ["derived"] + ["libvirt"] * 6 + ["derived"]
     sequences = [m.body["sequence"] for m in messages]
     assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
     for message in messages:
@@ -80,12 +90,15 @@ def test_transient_create_and_destroy(
     xml, dom_uuid = domain_xml("vm-transient")
     publisher.conn.createXML(xml, 0).destroy()
 
-    messages = consumer.collect(count_for(dom_uuid, 2))
+    messages = consumer.collect(count_for(dom_uuid, 4))
     assert keys_for(messages, dom_uuid) == [
+        f"v1.{HOST_ID}.domain.added.started",
         f"v1.{HOST_ID}.domain.started.booted",
         f"v1.{HOST_ID}.domain.stopped.destroyed",
+        f"v1.{HOST_ID}.domain.removed.stopped",
     ]
-    assert all(m.body["data"]["origin"] == "libvirt" for m in messages)
+    ours = [m for m in messages if m.body.get("subject") == dom_uuid]
+    assert not any(m.body["data"]["persistent"] for m in ours)
 
 
 def test_amqp_properties_and_cloudevents_binding(
@@ -97,7 +110,7 @@ def test_amqp_properties_and_cloudevents_binding(
     xml, dom_uuid = domain_xml("vm-props")
     publisher.conn.defineXML(xml)
 
-    messages = consumer.collect(count_for(dom_uuid, 1))
+    messages = consumer.collect(count_for(dom_uuid, 2))
     for message in messages:
         props = message.properties
         assert props.content_type == CONTENT_TYPE
@@ -138,11 +151,11 @@ def test_bindings_select_exactly_what_they_name(
     dom.create()
     dom.destroy()
 
-    everything.collect(count_for(dom_uuid, 3))
+    everything.collect(count_for(dom_uuid, 4))
     assert keys_for(stops.collect(count_for(dom_uuid, 1)), dom_uuid) == [
         f"v1.{HOST_ID}.domain.stopped.destroyed"
     ]
-    assert [m.routing_key for m in this_host.collect(count_for(dom_uuid, 3))] == [
+    assert [m.routing_key for m in this_host.collect(count_for(dom_uuid, 4))] == [
         m.routing_key for m in everything.messages
     ]
     assert other_host.quiet(0.5) == []
@@ -175,33 +188,42 @@ def test_sequence_continues_across_restarts(
 ) -> None:
     consumer = consumer_factory("#")
     first = publisher_factory()
-    first.conn.defineXML(domain_xml("vm-restart")[0])
-    consumer.collect(lambda m: len(m) >= 2)
+    xml, dom_uuid = domain_xml("vm-restart")
+    first.conn.defineXML(xml)
+    consumer.collect(count_for(dom_uuid, 2))
     assert first.stop() == 0
+    second_start = len(consumer.quiet(0.3))
     publisher_factory()
-    messages = consumer.collect(lambda m: len(m) >= 3)
-    assert [m.body["sequence"] for m in messages] == [1, 2, 3]
-    assert messages[2].routing_key.endswith("publisher.capabilities")
+    messages = consumer.collect(
+        lambda m: any(x.routing_key.endswith("snapshot.end") for x in m[second_start:])
+    )
+    sequences = [m.body["sequence"] for m in messages]
+    assert sequences == list(range(1, len(messages) + 1))
+    assert messages[second_start].routing_key.endswith("publisher.capabilities")
 
 
 def test_unroutable_messages_are_kept_in_the_alternate_exchange_queue(
     amqp_url: str, exchange: str, publisher_factory: Callable[..., RunningPublisher]
 ) -> None:
     publisher = publisher_factory()  # nothing is bound to the exchange
-    publisher.conn.defineXML(domain_xml("vm-unroutable")[0])
+    xml, _ = domain_xml("vm-unroutable")
+    publisher.conn.defineXML(xml)
+    broker = publisher.daemon.broker
+    assert broker is not None
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
+    kept: list[str] = []
     try:
-        kept = 0
-        for _ in range(200):
-            kept = channel.queue_declare(
-                f"{exchange}.unroutable", passive=True
-            ).method.message_count
-            if kept >= 2:
-                break
-            connection.sleep(0.05)
-        assert kept == 2  # the capabilities message and the defined event
+        deadline = time.monotonic() + 15
+        while f"v1.{HOST_ID}.domain.defined.added" not in kept and time.monotonic() < deadline:
+            method, _props, _body = channel.basic_get(f"{exchange}.unroutable", auto_ack=True)
+            if method is None:
+                connection.sleep(0.05)
+            else:
+                kept.append(method.routing_key)
     finally:
         connection.close()
-    assert publisher.daemon.broker is not None
-    assert publisher.daemon.broker.returned == 0
+    assert kept[0] == f"v1.{HOST_ID}.publisher.capabilities"
+    assert kept[-2:] == [f"v1.{HOST_ID}.domain.added.defined", f"v1.{HOST_ID}.domain.defined.added"]
+    assert f"v1.{HOST_ID}.publisher.snapshot.end" in kept
+    assert broker.returned == 0

@@ -108,6 +108,14 @@ def test_sample_validates_against_the_latest_schema(path: Path) -> None:
 # --- the lock bites ---------------------------------------------------------------------------
 
 
+def next_minor(version: str) -> str:
+    major, minor = version.split(".")
+    return f"{major}.{int(minor) + 1}"
+
+
+BUMPED = next_minor(schemas.info(schemas.DOMAIN_EVENT).version)
+
+
 @pytest.fixture
 def mutated() -> dict[str, Any]:
     """The domain-event schema with an extra optional property: an additive change."""
@@ -129,21 +137,22 @@ def test_changed_schema_with_unchanged_version_asks_for_a_bump(
 def test_bumped_schema_with_stale_versions_file_asks_to_update_it(
     mutated: dict[str, Any], locked: dict[str, Any]
 ) -> None:
-    mutated[schemas.VERSION_KEY] = "1.1"
+    mutated[schemas.VERSION_KEY] = BUMPED
     problem = lock_problem(schemas.DOMAIN_EVENT, mutated, locked)
     assert problem is not None
+    assert "bump it" not in problem
     assert "update schemas/versions.json" in problem
-    assert '"version": "1.1"' in problem
+    assert f'"version": "{BUMPED}"' in problem
     assert schemas.fingerprint(mutated) in problem
 
 
 def test_bump_recorded_in_versions_file_is_accepted(
     mutated: dict[str, Any], locked: dict[str, Any]
 ) -> None:
-    mutated[schemas.VERSION_KEY] = "1.1"
+    mutated[schemas.VERSION_KEY] = BUMPED
     relocked = {
         **locked,
-        schemas.DOMAIN_EVENT: {"version": "1.1", "fingerprint": schemas.fingerprint(mutated)},
+        schemas.DOMAIN_EVENT: {"version": BUMPED, "fingerprint": schemas.fingerprint(mutated)},
     }
     assert lock_problem(schemas.DOMAIN_EVENT, mutated, relocked) is None
 
