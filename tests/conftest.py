@@ -137,7 +137,12 @@ def consumer_factory(amqp_url: str, exchange: str) -> Iterator[Callable[..., Con
 
 
 def make_settings(
-    amqp_url: str, exchange: str, state_dir: Path, *libvirt_uris: str, host_id: str = HOST_ID
+    amqp_url: str,
+    exchange: str,
+    state_dir: Path,
+    *libvirt_uris: str,
+    host_id: str = HOST_ID,
+    poll_interval: float = 10.0,
 ) -> Settings:
     return Settings(
         libvirt_uris=libvirt_uris or ("test:///default",),
@@ -147,6 +152,7 @@ def make_settings(
         state_dir=state_dir,
         log_level="info",
         log_format="text",
+        poll_interval=poll_interval,
     )
 
 
@@ -154,9 +160,14 @@ class RunningPublisher:
     """A publisher running in this process, so a test can drive `test:///default` through
     the very connection the driver watches (each such connection is a separate host)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, emits: frozenset[str] | None = None) -> None:
         self.settings = settings
-        self.drivers = [LibvirtDomainDriver(uri, settings.host_id) for uri in settings.libvirt_uris]
+        self.drivers = [
+            LibvirtDomainDriver(
+                uri, settings.host_id, emits=emits, poll_interval=settings.poll_interval
+            )
+            for uri in settings.libvirt_uris
+        ]
         self.daemon = Daemon(settings, self.drivers)
         self.stop_event = threading.Event()
         self.exit_code: int | None = None
@@ -185,9 +196,20 @@ def publisher_factory(
 ) -> Iterator[Callable[..., RunningPublisher]]:
     running: list[RunningPublisher] = []
 
-    def start(*libvirt_uris: str, state_dir: Path | None = None) -> RunningPublisher:
-        settings = make_settings(amqp_url, exchange, state_dir or tmp_path / "state", *libvirt_uris)
-        publisher = RunningPublisher(settings)
+    def start(
+        *libvirt_uris: str,
+        state_dir: Path | None = None,
+        emits: frozenset[str] | None = None,
+        poll_interval: float = 10.0,
+    ) -> RunningPublisher:
+        settings = make_settings(
+            amqp_url,
+            exchange,
+            state_dir or tmp_path / "state",
+            *libvirt_uris,
+            poll_interval=poll_interval,
+        )
+        publisher = RunningPublisher(settings, emits)
         running.append(publisher)
         return publisher
 

@@ -7,10 +7,12 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
+import libvirt
 import pika
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 
+from drivers.libvirt_events import Catalog
 from publisher.envelope import CONTENT_TYPE
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
 
@@ -227,3 +229,40 @@ def test_unroutable_messages_are_kept_in_the_alternate_exchange_queue(
     assert kept[-2:] == [f"v1.{HOST_ID}.domain.added.defined", f"v1.{HOST_ID}.domain.defined.added"]
     assert f"v1.{HOST_ID}.publisher.snapshot.end" in kept
     assert broker.returned == 0
+
+
+def test_lifecycle_types_a_backend_lacks_are_polled(
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    """A driver whose known events lack suspended/resumed: pausing still yields them,
+    found by listing (`origin: poll`), and libvirt's own would-be duplicates are held back."""
+    consumer = consumer_factory("#")
+    lacking = frozenset(Catalog(vars(libvirt)).lifecycle_types) - {"suspended", "resumed"}
+    publisher = publisher_factory(emits=lacking, poll_interval=0.3)
+    xml, dom_uuid = domain_xml("vm-polled")
+    dom = publisher.conn.defineXML(xml)
+    dom.create()
+    consumer.collect(count_for(dom_uuid, 3))
+    dom.suspend()
+    consumer.collect(count_for(dom_uuid, 4))
+    dom.resume()
+    messages = consumer.collect(count_for(dom_uuid, 5))
+    assert keys_for(messages, dom_uuid) == [
+        f"v1.{HOST_ID}.domain.added.defined",
+        f"v1.{HOST_ID}.domain.defined.added",
+        f"v1.{HOST_ID}.domain.started.booted",
+        f"v1.{HOST_ID}.domain.suspended",
+        f"v1.{HOST_ID}.domain.resumed",
+    ]
+    ours = [m for m in messages if m.body.get("subject") == dom_uuid]
+    assert [m.body["data"]["origin"] for m in ours[3:]] == ["poll", "poll"]
+    assert [m.body["data"]["state"]["state"] for m in ours[3:]] == ["paused", "running"]
+    assert consumer.quiet(0.8) == messages, "libvirt's own suspended/resumed are not repeated"
+    events = messages[0].body["data"]["backends"][0]["events"]
+    assert events["suspended"] == {
+        "status": "polled", "reason": "the backend does not emit it", "interval_s": 0.3,
+    }  # fmt: skip
+    assert events["started"] == {"status": "native"}
+    for message in messages:
+        assert_valid(message)
