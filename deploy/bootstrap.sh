@@ -40,8 +40,8 @@ case "$mode" in
         ;;
     test)
         echo "[bootstrap] ruff"
-        ruff check publisher drivers tests
-        ruff format --check publisher drivers tests
+        ruff check publisher drivers tests bench
+        ruff format --check publisher drivers tests bench
         echo "[bootstrap] mypy --strict"
         mypy
         echo "[bootstrap] pytest"

@@ -13,11 +13,13 @@ from typing import Any
 
 import click
 
+from drivers import synthetic
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
 from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
+from publisher.driver import Driver
 from publisher.envelope import OutgoingMessage
 from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
@@ -182,6 +184,13 @@ def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> N
 main.add_command(inventory_command)
 
 
+def make_driver(uri: str, settings: Settings) -> Driver:
+    """libvirt for every libvirt URI; `synthetic:///?...` for benchmarks and fault tests."""
+    if uri.startswith(f"{synthetic.SCHEME}:"):
+        return synthetic.SyntheticDriver(uri, settings.host_id)
+    return LibvirtDomainDriver(uri, settings.host_id, poll_interval=settings.poll_interval)
+
+
 def _serve(
     settings: Settings,
     on_confirmed: Callable[[list[OutgoingMessage]], None] | None = None,
@@ -195,10 +204,7 @@ def _serve(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    drivers = [
-        LibvirtDomainDriver(uri, settings.host_id, poll_interval=settings.poll_interval)
-        for uri in settings.libvirt_uris
-    ]
+    drivers = [make_driver(uri, settings) for uri in settings.libvirt_uris]
     daemon = Daemon(settings, drivers, on_confirmed=on_confirmed)
     if workload is not None:
         workload(daemon, stop).start()

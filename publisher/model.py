@@ -140,10 +140,11 @@ class Tracker:
             state = fallback if facts is None else SHUTOFF
         else:
             state = event.state or fallback
-            # A transient domain exists from its start (QEMU reports `resumed` first).
+            # Every listed domain is known, so an unknown one that starts running came into
+            # existence by starting (QEMU reports `resumed` before `started`).
             running = event.state or (facts.state if isinstance(facts, DomainFacts) else SHUTOFF)
-            transient_start = event.event == "started" or (not persistent and running.active)
-            cause = "started" if transient_start else "discovered"
+            starting = event.event in ("started", "resumed")
+            cause = "started" if starting or (not persistent and running.active) else "discovered"
         name = event.domain.name
         self.records[event.domain.uuid] = Record(name, persistent, state, 0)
         derived = _derived(event, "added", cause, name)

@@ -190,6 +190,7 @@ def test_transient_domain_becoming_persistent(
 
     def act() -> None:
         dom = qemu.createXML(xml, 0)
+        consumer.collect(lambda m: "started.booted" in of(m, dom_uuid))
         qemu.defineXML(xml)  # the running transient domain gains a config
         dom.destroy()  # a persistent domain: it still exists
         dom.undefine()
