@@ -28,7 +28,7 @@ import pika.spec
 
 from publisher import retry
 from publisher.config import Settings
-from publisher.envelope import APP_ID, CONTENT_TYPE, OutgoingMessage
+from publisher.envelope import APP_ID, EncodedProperties, OutgoingMessage
 from publisher.redact import redact_url
 from publisher.spool import Spool
 
@@ -325,15 +325,7 @@ class Broker:
                 exchange=self._exchange,
                 routing_key=message.routing_key,
                 body=message.body,
-                properties=pika.BasicProperties(
-                    content_type=CONTENT_TYPE,
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    message_id=message.id,
-                    timestamp=message.timestamp,
-                    type=message.type,
-                    app_id=APP_ID,
-                    headers=dict(message.headers),
-                ),
+                properties=EncodedProperties(message.properties),
                 mandatory=True,
             )
             self._next_tag += 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonschema
 import libvirt
+import pika.spec
 import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
@@ -23,7 +24,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from drivers.libvirt_domain import source_uri
 from drivers.libvirt_events import Catalog, EventIdSpec, Field, normalize
-from publisher import __version__, schemas
+from publisher import __version__, envelope, schemas
 from publisher.capabilities import BackendCapabilities, EventSupport
 from publisher.daemon import ROUTING_KEY_FORMAT
 from publisher.envelope import CONTENT_TYPE, Envelope, OutgoingMessage, rfc3339, routing_key
@@ -308,7 +309,7 @@ def test_derived_event_routing_key_names_the_cause() -> None:
     message = Envelope(HOST).domain_event(added, 1)
     assert message.routing_key == f"v1.{HOST}.domain.added.started"
     assert message.type == "org.virtpub.domain.added"
-    assert message.headers["detail"] == "started"
+    assert message.basic_properties().headers["detail"] == "started"
 
 
 def test_snapshot_and_resync_entries_have_no_codes_and_validate() -> None:
@@ -333,7 +334,7 @@ def test_snapshot_and_resync_entries_have_no_codes_and_validate() -> None:
 
 def test_domain_event_headers_and_routing_key(stopped: OutgoingMessage) -> None:
     info = schemas.info(schemas.DOMAIN_EVENT)
-    assert stopped.headers == {
+    assert stopped.basic_properties().headers == {
         "host_id": HOST,
         "entity": "domain",
         "event": "stopped",
@@ -346,7 +347,7 @@ def test_domain_event_headers_and_routing_key(stopped: OutgoingMessage) -> None:
 
 def test_event_without_detail_has_no_detail_header_or_segment() -> None:
     message = Envelope(HOST).domain_event(published(domain_event("REBOOT")), 3)
-    assert "detail" not in message.headers
+    assert "detail" not in message.basic_properties().headers
     assert message.routing_key.endswith(".domain.reboot")
 
 
@@ -538,8 +539,8 @@ def test_capabilities_message_attributes(capabilities: OutgoingMessage) -> None:
     assert body["subject"] == HOST
     assert body["dataschema"] == info.uri
     assert capabilities.routing_key == f"v{info.major}.{HOST}.publisher.capabilities"
-    assert capabilities.headers["schema"] == schemas.PUBLISHER_CAPABILITIES
-    assert capabilities.headers["schema_version"] == info.version
+    assert capabilities.basic_properties().headers["schema"] == schemas.PUBLISHER_CAPABILITIES
+    assert capabilities.basic_properties().headers["schema_version"] == info.version
 
 
 def test_capabilities_schema_rejects_an_unknown_support_status(
@@ -620,7 +621,7 @@ def test_publisher_event_with_detail(message: OutgoingMessage, name: str, detail
     body = body_of(message)
     assert message.routing_key == f"v{info.major}.{HOST}.publisher.{event}.{detail}"
     assert message.type == body["type"] == f"org.virtpub.publisher.{event}"
-    assert message.headers == {
+    assert message.basic_properties().headers == {
         "host_id": HOST,
         "entity": "publisher",
         "event": event,
@@ -704,3 +705,21 @@ def test_redact_url_that_does_not_parse_still_hides_the_password() -> None:
 @pytest.mark.parametrize("url", ["amqp://u:sec/ret@rabbit/", "amqp://u:sec?ret@rabbit/"])
 def test_redact_url_hides_unencoded_reserved_characters_in_password(url: str) -> None:
     assert "ret@" not in redact_url(url)
+
+
+def test_pre_encoded_properties_are_byte_for_byte_what_pika_would_send() -> None:
+    """virtpub encodes AMQP properties itself (pika's table encoder is the costliest part of a
+    publish); the bytes must be exactly pika's, or brokers and consumers would read garbage."""
+    headers = {"host_id": "hv01", "event": "stopped", "detail": "destroyed", "schema": "é"}
+    ours = envelope.encode_properties("id-1", 1_700_000_000, "org.virtpub.domain.stopped", headers)
+    reference = pika.spec.BasicProperties(
+        content_type=CONTENT_TYPE,
+        headers=headers,
+        delivery_mode=2,
+        message_id="id-1",
+        timestamp=1_700_000_000,
+        type="org.virtpub.domain.stopped",
+        app_id="virtpub",
+    )
+    assert ours == b"".join(reference.encode())
+    assert envelope.EncodedProperties(ours).encode() == [ours]
