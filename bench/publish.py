@@ -137,6 +137,8 @@ def virtpub(url: str, count: int, latency_seconds: float) -> dict[str, Any]:
             driver.emit_one()
         _wait_for(lambda: len(confirmed) >= startup + count)
         throughput = count / (time.perf_counter() - started)
+        _purge(url, exchange)
+        time.sleep(2.0)  # let the spool's janitor and the broker's disk catch up
 
         # Latency at a fixed rate: hand-off to ack, per message.
         handoffs: list[float] = []
@@ -180,6 +182,13 @@ def _bind_queue(url: str, exchange: str) -> None:
     )
     channel.queue_declare(exchange, durable=True)
     channel.queue_bind(exchange, exchange, "#")
+    connection.close()
+
+
+def _purge(url: str, queue: str) -> None:
+    """Empties the bench queue, so the latency phase starts on an idle broker."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    connection.channel().queue_purge(queue)
     connection.close()
 
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 100_000
 BATCH_LIMIT = 500
+BROKER_BACKLOG = 5_000
+"""Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
 FIRST_CONNECT_WAIT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
 ROUTING_KEY_FORMAT = "v<major>.<host_id>.<entity>.<event>[.<detail>]"
@@ -59,6 +61,8 @@ class Daemon:
         self._inbox: queue.Queue[Signal] = queue.Queue(maxsize=INBOX_LIMIT)
         self._envelope = Envelope(settings.host_id)
         self._sequence = 0
+        self._handed = 0
+        """The sequence of the last message handed to the broker."""
         self._pending: list[OutgoingMessage] = []
         self._trackers: dict[str, Tracker] = {}
         self._next_poll: dict[str, float] = {}
@@ -97,10 +101,10 @@ class Daemon:
             on_reconnected=self._announce.set,
             connection_name=f"virtpub {self.settings.host_id} pid {os.getpid()}",
         )
-        leftovers = spool.pending()
+        leftovers = spool.count()
         if leftovers:
-            log.info("resending %d message(s) left in the spool", len(leftovers))
-        broker.submit(leftovers)
+            log.info("resending %d message(s) left in the spool", leftovers)
+        self._handed = spool.first_sequence() - 1 if leftovers else self._sequence
         started: list[Driver] = []
         try:
             # Backends first, each listed right after it subscribed: events that arrive
@@ -148,12 +152,14 @@ class Daemon:
                 self._announce.clear()
                 self._add_capabilities()
             self._poll_due(time.monotonic())
+            behind = self._handed < self._sequence
             with contextlib.suppress(queue.Empty):
-                self._handle(self._inbox.get(timeout=0.2))
+                self._handle(self._inbox.get(timeout=0.01 if behind else 0.2))
             self._take_queued(BATCH_LIMIT)
             for tracker in self._trackers.values():
                 self._add_domain(tracker.settle(time.time()))
             self._commit(spool, broker)
+            self._feed(spool, broker)
 
     def _take_queued(self, limit: int) -> None:
         """Handles what is already queued, up to `limit` messages: one spool commit for all."""
@@ -273,7 +279,26 @@ class Daemon:
         messages, self._pending = self._pending, []
         changes = {backend: t.take_changes() for backend, t in self._trackers.items()}
         spool.append(messages, changes)
-        broker.submit(messages)
+        self._feed(spool, broker, messages)
+
+    def _feed(
+        self, spool: Spool, broker: Broker, fresh: list[OutgoingMessage] | None = None
+    ) -> None:
+        """Hands the broker what the spool holds and it has not seen, while it has room.
+
+        The spool is the buffer: in a burst or an outage memory holds at most
+        BROKER_BACKLOG messages, the rest waits on disk and is read back in order.
+        """
+        room = BROKER_BACKLOG - broker.unconfirmed()
+        if room <= 0 or self._handed >= self._sequence:
+            return
+        if fresh and fresh[0].sequence == self._handed + 1 and len(fresh) <= room:
+            batch = fresh  # the common case: just spooled, next in line
+        else:
+            batch = spool.after(self._handed, room)
+        if batch:
+            broker.submit(batch)
+            self._handed = batch[-1].sequence
 
     def _flush(self, spool: Spool, broker: Broker) -> None:
         """Spools what drivers queued before they stopped, so nothing accepted is lost."""

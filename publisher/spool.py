@@ -10,9 +10,11 @@ durability does not cost an fsync per event. The spool also keeps the last
 sequence number handed out, so a restarted publisher continues without a gap.
 
 Confirmed messages are deleted by a janitor thread of the spool's own, in
-batches, on a second connection without fsync: the AMQP I/O thread never waits
-for the disk, and a delete lost to a power cut only means a resend (with the
-same id) of a message the broker already had, which at-least-once allows.
+batches and without fsync: the AMQP I/O thread never waits for the disk, and a
+delete lost to a power cut only means a resend (with the same id) of a message
+the broker already had, which at-least-once allows. One connection serves both
+threads under a lock: two connections would contend for SQLite's write lock,
+whose busy handler sleeps for up to tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class SpoolError(Exception):
 
 class Spool:
     JANITOR_PERIOD_S = 0.02
+    CHECKPOINT_EVERY = 5_000
+    """Confirmed messages between two WAL checkpoints, which keep the WAL file small."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -77,13 +81,16 @@ class Spool:
         self._confirmed: list[int] = []
         self._confirmed_lock = threading.Lock()
         self._janitor_lock = threading.Lock()
+        self._deleted = 0
         self._wake = threading.Event()
         self._closing = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect("FULL")
+            # Checkpoints copy the WAL into the database and fsync it: the janitor runs them,
+            # so no append waits for one.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
-            self._janitor_db = self._connect("NORMAL")
         except (OSError, sqlite3.Error) as err:
             raise SpoolError(f"spool: cannot open {str(path)!r}: {err}") from err
         self._janitor = threading.Thread(target=self._sweep, name="spool-janitor", daemon=True)
@@ -101,12 +108,13 @@ class Spool:
             row = self._db.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()
         return int(row[0]) if row else 0
 
-    def pending(self) -> list[OutgoingMessage]:
-        """Everything accepted but not yet confirmed, in original order."""
+    def after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
+        """Up to `limit` unconfirmed messages that follow `sequence`, in original order."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT sequence, id, routing_key, type, timestamp, properties, body"
-                " FROM messages ORDER BY sequence"
+                " FROM messages WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                (sequence, limit),
             ).fetchall()
         return [
             OutgoingMessage(
@@ -198,11 +206,23 @@ class Spool:
         if not batch:
             return
         try:
-            with self._janitor_db:
-                self._janitor_db.execute("BEGIN")
-                self._janitor_db.executemany(
-                    "DELETE FROM messages WHERE sequence = ?", [(s,) for s in batch]
-                )
+            with self._lock:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "DELETE FROM messages WHERE sequence = ?", [(s,) for s in batch]
+                    )
+                    self._db.execute("COMMIT")
+                finally:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._deleted += len(batch)
+            if self._deleted >= self.CHECKPOINT_EVERY:
+                self._deleted = 0
+                with self._lock:
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as err:
             # Kept rows are only resent (same ids) at the next start.
             log.error("spool: could not delete %d confirmed message(s): %s", len(batch), err)
@@ -220,6 +240,13 @@ class Spool:
                     self._db.execute("ROLLBACK")
                 raise SpoolError(f"spool: cannot write {str(self.path)!r}: {err}") from err
 
+    def first_sequence(self) -> int:
+        """The sequence of the oldest unconfirmed message (0 when there is none)."""
+        self._delete_confirmed()
+        with self._lock:
+            row = self._db.execute("SELECT MIN(sequence) FROM messages").fetchone()
+        return int(row[0] or 0)
+
     def count(self) -> int:
         """Messages not yet confirmed by the broker."""
         self._delete_confirmed()
@@ -233,4 +260,3 @@ class Spool:
         self._delete_confirmed()
         with self._lock:
             self._db.close()
-            self._janitor_db.close()
