@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pika
+import pika.credentials
 import pika.exceptions
 import pika.spec
 
@@ -56,17 +58,43 @@ _FATAL_OPEN_ERRORS = (
 )
 
 
+def _is_certificate_error(err: BaseException) -> bool:
+    """A certificate that does not verify never will. pika wraps the handshake's error in
+    its connection workflow's errors (`exceptions`, `exception`), so look inside them."""
+    pending, seen = [err], 0
+    while pending and seen < 20:
+        current = pending.pop()
+        seen += 1
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        nested = [*getattr(current, "args", ()), *(getattr(current, "exceptions", None) or ()),
+                  getattr(current, "exception", None), current.__cause__]  # fmt: skip
+        pending.extend(e for e in nested if isinstance(e, BaseException))
+    return False
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return f"{type(err).__name__}: {text}" if not str(err) else text
 
 
-def connection_parameters(url: str, connection_name: str) -> pika.URLParameters:
+def connection_parameters(url: str, connection_name: str, settings: Settings) -> pika.URLParameters:
+    """pika's parameters for one broker URL, with TLS for amqps:// (hostname verified)."""
     params = pika.URLParameters(url)
-    if "heartbeat" not in parse_qs(urlsplit(url).query):
+    parts = urlsplit(url)
+    if "heartbeat" not in parse_qs(parts.query):
         params.heartbeat = DEFAULT_HEARTBEAT_S
     params.connection_attempts = 1
     params.client_properties = {"connection_name": connection_name}
+    if parts.scheme == "amqps":
+        context = ssl.create_default_context(
+            cafile=str(settings.amqp_ca_file) if settings.amqp_ca_file else None
+        )
+        if settings.amqp_cert_file is not None and settings.amqp_key_file is not None:
+            context.load_cert_chain(settings.amqp_cert_file, settings.amqp_key_file)
+            if parts.password is None:
+                params.credentials = pika.credentials.ExternalCredentials()
+        params.ssl_options = pika.SSLOptions(context, parts.hostname)
     return params
 
 
@@ -81,6 +109,7 @@ class Broker:
         window: int = DEFAULT_WINDOW,
         connection_name: str = APP_ID,
     ) -> None:
+        self._settings = settings
         self._urls = settings.amqp_urls
         self._exchange = settings.exchange
         self._unroutable = settings.unroutable_exchange
@@ -206,7 +235,7 @@ class Broker:
         self._session_error = None
         self._url = redact_url(url)
         self._connection = pika.SelectConnection(
-            connection_parameters(url, self._connection_name),
+            connection_parameters(url, self._connection_name, self._settings),
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -230,7 +259,12 @@ class Broker:
 
     def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
         self._session_ready = False
-        if isinstance(err, _FATAL_OPEN_ERRORS):
+        if _is_certificate_error(err):
+            self._session_error = BrokerFatalError(
+                f"broker at {self._url} failed TLS verification: {_one_line(err)}"
+                " (check --amqp-ca-file and the host name in --amqp-url)"
+            )
+        elif isinstance(err, _FATAL_OPEN_ERRORS):
             self._session_error = BrokerFatalError(
                 f"broker at {self._url} refused the login: {_one_line(err)}"
                 " (check the user, password and vhost in --amqp-url)"

@@ -48,6 +48,23 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         f" [default: {DEFAULTS['amqp_url'][0]}]",  # type: ignore[index]
     ),
     click.option(
+        "--amqp-ca-file",
+        "amqp_ca_file",
+        help="CA certificates to verify an amqps:// broker by (the host name is always"
+        " verified). [default: the system's CAs]",
+    ),
+    click.option(
+        "--amqp-cert-file",
+        "amqp_cert_file",
+        help="Client certificate for amqps://; with no password in --amqp-url, virtpub"
+        " logs in by SASL EXTERNAL (the broker takes the user from the certificate).",
+    ),
+    click.option(
+        "--amqp-key-file",
+        "amqp_key_file",
+        help="The client certificate's private key.",
+    ),
+    click.option(
         "--exchange",
         help="Topic exchange to publish to; created durable if missing."
         f" [default: {DEFAULTS['exchange']}]",

@@ -34,6 +34,9 @@ DEFAULTS: Mapping[str, object] = {
     "log_level": "info",
     "log_format": "text",
     "poll_interval": 10.0,
+    "amqp_ca_file": None,
+    "amqp_cert_file": None,
+    "amqp_key_file": None,
 }
 
 _EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
@@ -59,6 +62,11 @@ class Settings:
     log_format: str
     poll_interval: float = 10.0
     """Seconds between two listings of a backend that cannot emit some lifecycle events."""
+    amqp_ca_file: Path | None = None
+    """CAs to verify an amqps:// broker by; None: the system's."""
+    amqp_cert_file: Path | None = None
+    """A client certificate for amqps://; without a password in the URL it logs in by EXTERNAL."""
+    amqp_key_file: Path | None = None
 
     @property
     def unroutable_exchange(self) -> str:
@@ -165,6 +173,15 @@ class _Reader:
             return None
         return number
 
+    def readable_file(self, key: str) -> Path | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        path = Path(str(value))
+        if not path.is_file() or not os.access(path, os.R_OK):
+            self.problems.append(f"{key}: {str(path)!r} is not a readable file")
+        return path
+
     def exchange(self) -> str | None:
         exchange = self.text("exchange")
         if exchange is None:
@@ -208,6 +225,10 @@ def validate(values: Mapping[str, object]) -> Settings:
     problem = writable_dir_problem(Path(state_dir)) if state_dir is not None else None
     if problem:
         read.problems.append(f"state_dir: {state_dir!r} {problem}")
+    tls_files = {key: read.readable_file(key) for key in ("amqp_ca_file", "amqp_cert_file",
+                                                          "amqp_key_file")}  # fmt: skip
+    if (values.get("amqp_cert_file") is None) != (values.get("amqp_key_file") is None):
+        read.problems.append("amqp_cert_file: a client certificate needs its amqp_key_file")
     log_level = read.choice("log_level", LOG_LEVELS)
     log_format = read.choice("log_format", LOG_FORMATS)
     poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
@@ -224,6 +245,7 @@ def validate(values: Mapping[str, object]) -> Settings:
         log_level=log_level,
         log_format=log_format,
         poll_interval=poll_interval,
+        **tls_files,
     )
 
 
@@ -241,7 +263,7 @@ def amqp_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "names no host"
     if parts.username is not None and parts.password is None:
-        return "names a user but no password (amqp://user:password@host/)"
+        return "names a user but no password (amqp://user:password@host/; for EXTERNAL, no user)"
     try:
         pika.URLParameters(url)
     except (ValueError, TypeError, pika.exceptions.AMQPError) as err:
