@@ -370,20 +370,33 @@ class Broker:
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
         settled = [t for t in self._in_flight if t <= tag] if multiple else [tag]
+        if not isinstance(method, pika.spec.Basic.Ack):
+            self._on_nack(sum(t in self._in_flight for t in settled))
+            return
         messages = [self._in_flight.pop(t) for t in settled if t in self._in_flight]
-        if isinstance(method, pika.spec.Basic.Ack):
-            self._spool.remove(m.sequence for m in messages)
-            self.confirmed += len(messages)
-            if self._on_confirmed is not None:
-                self._on_confirmed(messages)
-        else:
-            self.nacked += len(messages)
-            log.warning("broker nacked %d message(s); resending", len(messages))
-            with self._lock:
-                self._outbound.extendleft(reversed(messages))
+        self._spool.remove(m.sequence for m in messages)
+        self.confirmed += len(messages)
+        if self._on_confirmed is not None:
+            self._on_confirmed(messages)
         with self._lock:
             self._lock.notify_all()
         self._pump()
+
+    def _on_nack(self, count: int) -> None:
+        """Resends from the first refused message on, in order, after a backoff.
+
+        Resending only the refused ones would put them behind later messages of
+        the same domain. Closing the channel sends every unconfirmed message
+        again in its original order (the broker may then hold some twice; ids
+        tell them apart), and the backoff keeps a broker that keeps refusing
+        (a full queue with reject-publish) from being hammered.
+        """
+        self.nacked += count
+        log.warning("broker refused %d message(s) (nack); resending in order", count)
+        self._session_ready = False  # so the reconnect waits out a backoff
+        self._session_error = BrokerUnavailableError("the broker refused messages (nack)")
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
 
     def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
         self.returned += 1

@@ -6,10 +6,14 @@ The broker is the shared one; only the publisher's own connection is closed
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
+
+import pika
 
 from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
 from tests.test_publish_test_driver import domain_xml
@@ -113,3 +117,40 @@ def test_reconnect_during_a_burst_confirms_everything(
     assert broker.reconnects == 2
     defined = [m.body["subject"] for m in messages if m.routing_key.endswith("defined.added")]
     assert sorted(set(defined)) == sorted(uuids)
+
+
+def test_refused_messages_are_resent_in_order(
+    amqp_url: str,
+    exchange: str,
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    """A queue that refuses publishes while it holds 3 messages (reject-publish): the broker
+    nacks, virtpub resends from the refused message on, and nothing arrives out of order."""
+    consumer_factory("v1.nothing.matches")  # declares the exchange the same way virtpub does
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    small = channel.queue_declare(
+        "", exclusive=True, arguments={"x-max-length": 3, "x-overflow": "reject-publish"}
+    ).method.queue
+    channel.queue_bind(small, exchange, "#")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-nacked")
+    dom = publisher.conn.defineXML(xml)
+    dom.create()
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while not any(
+        b.get("subject") == dom_uuid and b["data"]["event"] == "started" for b in received
+    ):
+        assert time.monotonic() < deadline, f"got {[b['sequence'] for b in received]}"
+        method, _props, body = channel.basic_get(small, auto_ack=True)
+        if method is None:
+            connection.sleep(0.05)
+        else:
+            received.append(json.loads(body))
+    connection.close()
+    broker = publisher.daemon.broker
+    assert broker is not None and broker.nacked > 0
+    first_seen = list(dict.fromkeys(b["sequence"] for b in received))
+    assert first_seen == list(range(1, len(first_seen) + 1)), "refused messages came out of order"
