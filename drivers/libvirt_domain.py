@@ -124,10 +124,6 @@ class LibvirtDomainDriver:
         return self._conn
 
     @property
-    def callback_failures(self) -> int:
-        return self._failures
-
-    @property
     def polled(self) -> frozenset[str]:
         """Lifecycle event types this backend cannot emit, so the daemon polls for them."""
         return self._polled
@@ -368,6 +364,13 @@ class LibvirtDomainDriver:
         self._discard_connection()
         if self._reconnector is not None:
             self._reconnector.join(5)
+        if self._failures or self._superseded:
+            log.warning(
+                "libvirt %s: %d callback(s) could not be read, %d event(s) left to polling",
+                redact_url(self.uri),
+                self._failures,
+                self._superseded,
+            )
 
     def _discard_connection(self) -> None:
         with self._lock:

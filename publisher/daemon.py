@@ -81,9 +81,6 @@ class Daemon:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.error("event queue full: %d event(s) dropped so far", self.dropped)
 
-    def tracker(self, backend: str) -> Tracker:
-        return self._trackers[backend]
-
     def run(self, stop: threading.Event) -> int:
         """Runs until `stop` is set; returns the process exit code."""
         try:

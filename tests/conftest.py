@@ -99,23 +99,22 @@ class Consumer:
             if time.monotonic() > deadline:
                 keys = [m.routing_key for m in self.messages]
                 pytest.fail(f"timed out after {timeout} s; received {len(keys)}: {keys}")
-            method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
-            if method is None:
-                self._connection.sleep(0.02)
-                continue
-            self.messages.append(Received(method.routing_key, properties, json.loads(body), body))
+            self._receive_one()
         return self.messages
 
     def quiet(self, seconds: float = 0.5) -> list[Received]:
         """Reads whatever arrives within `seconds` (to prove nothing more comes)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
-            if method is None:
-                self._connection.sleep(0.02)
-                continue
-            self.messages.append(Received(method.routing_key, properties, json.loads(body), body))
+            self._receive_one()
         return self.messages
+
+    def _receive_one(self) -> None:
+        method, properties, body = self._channel.basic_get(self.queue, auto_ack=True)
+        if method is None:
+            self._connection.sleep(0.02)
+        else:
+            self.messages.append(Received(method.routing_key, properties, json.loads(body), body))
 
     def close(self) -> None:
         if self._connection.is_open:
