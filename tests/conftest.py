@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -39,6 +40,33 @@ def require_port(host: str, port: int, what: str) -> None:
         socket.create_connection((host, port), timeout=2).close()
     except OSError as err:
         pytest.fail(f"{what} is not reachable at {host}:{port} ({err}); run `bash .ci/run`")
+
+
+@pytest.fixture(autouse=True)
+def no_stray_publisher() -> Iterator[None]:
+    """Kills any virtpub process a test started and left running (a failed assertion
+    before its SIGTERM): a stray publisher on a synthetic burst fills the disk."""
+    yield
+    for pid in _publisher_children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _publisher_children() -> list[int]:
+    mine = str(os.getpid())
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = stat.rsplit(")", 1)[1].split()[1]
+        if parent == mine and b"publisher" in argv and b"-m" in argv:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -200,8 +200,22 @@ class RabbitNode:
         return f"RabbitNode({self.name!r}, port={self.port}, tls_port={self.tls_port})"
 
     def __enter__(self) -> Self:
-        self.start()
-        return self
+        """Starts the node; a first boot that fails is tried again as a fresh node.
+
+        Seen in CI: a first boot that dies in RabbitMQ's prelaunch, before its log
+        is open, leaving nothing to say why (a port taken between our check and the
+        node's listen is the likely cause). Other names and ports then boot fine.
+        """
+        failures = []
+        for _ in range(3):
+            try:
+                self.start()
+                return self
+            except RabbitNodeError as err:
+                failures.append(str(err).splitlines()[0])
+                self.cleanup()
+                self.__init__(tls=self.tls, start_timeout=self.start_timeout)  # type: ignore[misc]
+        raise RabbitNodeError("three fresh nodes failed to boot: " + "; ".join(failures))
 
     def __exit__(
         self,
