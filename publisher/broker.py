@@ -123,7 +123,6 @@ class Broker:
         self._outbound: collections.deque[OutgoingMessage] = collections.deque()
         self._in_flight: dict[int, OutgoingMessage] = {}
         self._stop = threading.Event()
-        self._ready = threading.Event()
         self._fatal: str | None = None
 
         # Owned by the I/O thread.
@@ -136,6 +135,8 @@ class Broker:
         self._url_index = 0
         self._url = ""
         self._session_ready = False
+        self._connected_before = False
+        """Owned by the I/O thread: a later connection is a reconnect, to be announced."""
         self._first_attempt_done = threading.Event()
 
         self.published = 0
@@ -313,9 +314,9 @@ class Broker:
     def _on_confirm_mode(self, _frame: Any) -> None:
         self._session_ready = True
         log.info("connected to broker %s, exchange %r", self._url, self._exchange)
-        if self._ready.is_set() and self._on_reconnected is not None:
+        if self._connected_before and self._on_reconnected is not None:
             self._on_reconnected()
-        self._ready.set()
+        self._connected_before = True
         self._first_attempt_done.set()
         self._pump()
 
