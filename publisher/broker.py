@@ -170,6 +170,19 @@ class Broker:
             self._outbound.extend(messages)
         self._wake()
 
+    def withdraw(self) -> int | None:
+        """Takes back every message not yet published; returns the first one's sequence.
+
+        Lets the drop-oldest policy drop messages handed over during an outage: the
+        spool still has them, and they are handed over again (or dropped) from there.
+        """
+        with self._lock:
+            if not self._outbound:
+                return None
+            first = self._outbound[0].sequence
+            self._outbound.clear()
+            return first
+
     def unconfirmed(self) -> int:
         with self._lock:
             return len(self._outbound) + len(self._in_flight)
@@ -375,7 +388,7 @@ class Broker:
             self._on_nack(sum(t in self._in_flight for t in settled))
             return
         messages = [self._in_flight.pop(t) for t in settled if t in self._in_flight]
-        self._spool.remove(m.sequence for m in messages)
+        self._spool.remove(messages)
         self.confirmed += len(messages)
         if self._on_confirmed is not None:
             self._on_confirmed(messages)
@@ -399,12 +412,19 @@ class Broker:
         if self._channel is not None and self._channel.is_open:
             self._channel.close()
 
-    def _on_return(self, _channel: Any, method: Any, _props: Any, _body: bytes) -> None:
+    def _on_return(self, _channel: Any, method: Any, props: Any, _body: bytes) -> None:
+        """Only when the alternate exchange cannot take a message either (its queue was
+        deleted, say): the ack that follows would otherwise delete the one copy."""
         self.returned += 1
+        message = next((m for m in self._in_flight.values() if m.id == props.message_id), None)
+        if message is not None:
+            self._spool.keep_returned(message, method.reply_code, method.reply_text)
         log.warning(
-            "broker returned a message as unroutable (routing key %s): %s",
+            "broker returned message %s as unroutable (routing key %s): %s; %s",
+            props.message_id,
             method.routing_key,
             method.reply_text,
+            "kept in the spool's returned table" if message is not None else "not in flight",
         )
 
     def _requeue_in_flight(self) -> None:

@@ -89,6 +89,20 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         " [default: 10]",
     ),
     click.option(
+        "--spool-max-bytes",
+        "spool_max_bytes",
+        help="Disk the spool of unconfirmed messages may take (bytes, or with a unit:"
+        " 512MiB, 2GiB); it fills while the broker is away. [default: 1GiB]",
+    ),
+    click.option(
+        "--spool-full-policy",
+        "spool_full_policy",
+        help="When the spool is full: block (take no more events until the broker confirms"
+        " some; events arriving meanwhile are held in a bounded queue, then dropped) or"
+        " drop-oldest (drop the oldest messages not yet sent). Every drop is counted and"
+        " published as publisher.dropped. [default: block]",
+    ),
+    click.option(
         "--log-level",
         "log_level",
         help="debug, info, warning or error. [default: info]",

@@ -23,6 +23,7 @@ from publisher.redact import redact_url
 ENV_PREFIX = "VIRTPUB_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+SPOOL_FULL_POLICIES = ("block", "drop-oldest")
 MULTI_VALUED = frozenset({"libvirt_uri", "amqp_url"})
 
 DEFAULTS: Mapping[str, object] = {
@@ -37,10 +38,15 @@ DEFAULTS: Mapping[str, object] = {
     "amqp_ca_file": None,
     "amqp_cert_file": None,
     "amqp_key_file": None,
+    "spool_max_bytes": "1GiB",
+    "spool_full_policy": "block",
 }
 
 _EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 _NOT_IN_SEGMENT = re.compile(r"[^A-Za-z0-9_-]+")
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_SPOOL_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -67,6 +73,11 @@ class Settings:
     amqp_cert_file: Path | None = None
     """A client certificate for amqps://; without a password in the URL it logs in by EXTERNAL."""
     amqp_key_file: Path | None = None
+    spool_max_bytes: int = 1 << 30
+    """What the spool's unconfirmed messages may take on disk."""
+    spool_full_policy: str = "block"
+    """`block`: stop taking events (drivers' threads never wait: a bounded queue, then counted
+    drops); `drop-oldest`: make room by dropping the oldest messages not yet handed out."""
 
     @property
     def unroutable_exchange(self) -> str:
@@ -173,6 +184,23 @@ class _Reader:
             return None
         return number
 
+    def size(self, key: str, low: int) -> int | None:
+        """Bytes, as a number or with a binary unit: 512MiB, 2G, 1073741824."""
+        value = self.values.get(key)
+        match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number: int | None = value
+        elif match is not None:
+            number = int(match[1]) * _SIZE_UNITS[match[2].upper()]
+        else:
+            number = None
+        if number is None or number < low:
+            self.problems.append(
+                f"{key}: {value!r} is not a size of at least {low} bytes (e.g. 512MiB, 2GiB)"
+            )
+            return None
+        return number
+
     def readable_file(self, key: str) -> Path | None:
         value = self.values.get(key)
         if value is None:
@@ -232,10 +260,13 @@ def validate(values: Mapping[str, object]) -> Settings:
     log_level = read.choice("log_level", LOG_LEVELS)
     log_format = read.choice("log_format", LOG_FORMATS)
     poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
+    spool_max_bytes = read.size("spool_max_bytes", MIN_SPOOL_BYTES)
+    spool_full_policy = read.choice("spool_full_policy", SPOOL_FULL_POLICIES)
 
     if read.problems:
         raise ConfigError(read.problems)
     assert exchange and state_dir and log_level and log_format and poll_interval  # for mypy
+    assert spool_max_bytes and spool_full_policy
     return Settings(
         libvirt_uris=libvirt_uris,
         amqp_urls=amqp_urls,
@@ -245,6 +276,8 @@ def validate(values: Mapping[str, object]) -> Settings:
         log_level=log_level,
         log_format=log_format,
         poll_interval=poll_interval,
+        spool_max_bytes=spool_max_bytes,
+        spool_full_policy=spool_full_policy,
         **tls_files,
     )
 

@@ -24,11 +24,12 @@ from publisher import __version__, schemas
 from publisher.broker import Broker, BrokerFatalError, Confirmed
 from publisher.config import Settings
 from publisher.driver import Driver, DriverError
-from publisher.envelope import Envelope, OutgoingMessage
+from publisher.drops import DropCounter, Tally
+from publisher.envelope import Envelope, OutgoingMessage, rfc3339
 from publisher.event import BackendChange, DomainEvent, DomainFacts, JSONValue
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
-from publisher.spool import Spool, SpoolError
+from publisher.spool import DroppedRange, Spool, SpoolError, stored_size
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ INBOX_LIMIT = 100_000
 BATCH_LIMIT = 500
 BROKER_BACKLOG = 5_000
 """Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
+DROP_REPORT_INTERVAL_S = 1.0
+"""At most one publisher.dropped (and the snapshot after it) per interval under sustained loss."""
 FIRST_CONNECT_WAIT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
 ROUTING_KEY_FORMAT = "v<major>.<host_id>.<entity>.<event>[.<detail>]"
@@ -45,6 +48,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 Signal = DomainEvent | BackendChange
+DropReason = Literal["queue_full", "spool_full"]
 
 
 class Daemon:
@@ -66,7 +70,9 @@ class Daemon:
         self._pending: list[OutgoingMessage] = []
         self._trackers: dict[str, Tracker] = {}
         self._next_poll: dict[str, float] = {}
-        self.dropped = 0
+        self._queue_drops = DropCounter()
+        self._next_drop_report = 0.0
+        self._spool_drops: list[DroppedRange] = []
         self.started = threading.Event()
         self.broker: Broker | None = None
         self._announce = threading.Event()
@@ -77,9 +83,17 @@ class Daemon:
         try:
             self._inbox.put_nowait(signal)
         except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("event queue full: %d event(s) dropped so far", self.dropped)
+            try:
+                total = self._queue_drops.add(signal)
+                if total == 1 or total % 1000 == 0:
+                    log.error("event queue full: %d event(s) dropped so far", total)
+            except Exception:  # a driver's thread must never see an exception
+                log.exception("could not count a dropped event")
+
+    @property
+    def dropped(self) -> int:
+        """Signals dropped because the queue was full, since the start."""
+        return self._queue_drops.total
 
     def run(self, stop: threading.Event) -> int:
         """Runs until `stop` is set; returns the process exit code."""
@@ -131,13 +145,17 @@ class Daemon:
             drained = broker.drain(DRAIN_TIMEOUT_S)
             broker.stop()
             left = spool.count()
+            returned = spool.returned_count()
             spool.close()
             log.info(
-                "stopped: %d published, %d confirmed, %d left in the spool%s",
+                "stopped: %d published, %d confirmed, %d left in the spool%s;"
+                " %d returned as unroutable (kept in the spool), %d dropped from a full queue",
                 broker.published,
                 broker.confirmed,
                 left,
                 "" if drained else " (drain timed out)",
+                returned,
+                self.dropped,
             )
         return EXIT_OK
 
@@ -148,15 +166,104 @@ class Daemon:
             if self._announce.is_set():
                 self._announce.clear()
                 self._add_capabilities()
-            self._poll_due(time.monotonic())
-            behind = self._handed < self._sequence
-            with contextlib.suppress(queue.Empty):
-                self._handle(self._inbox.get(timeout=0.01 if behind else 0.2))
-            self._take_queued(BATCH_LIMIT)
+            if self._spool_full(spool):
+                # Backpressure: signals wait in the bounded queue (then are counted as
+                # dropped) until the broker confirms and the janitor frees room.
+                stop.wait(0.05)
+            else:
+                self._report_drops(spool)
+                self._poll_due(time.monotonic())
+                behind = self._handed < self._sequence
+                with contextlib.suppress(queue.Empty):
+                    self._handle(self._inbox.get(timeout=0.01 if behind else 0.2))
+                self._take_queued(BATCH_LIMIT)
             for tracker in self._trackers.values():
                 self._add_domain(tracker.settle(time.time()))
             self._commit(spool, broker)
             self._feed(spool, broker)
+
+    def _spool_full(self, spool: Spool) -> bool:
+        """Under `block`, whether to stop taking signals; `drop-oldest` makes room instead."""
+        settings = self.settings
+        return (
+            settings.spool_full_policy == "block" and spool.used_bytes >= settings.spool_max_bytes
+        )
+
+    def _report_drops(self, spool: Spool) -> None:
+        """At most once an interval: a publisher.dropped per loss, then one snapshot of each
+        backend concerned, for consumers to rebuild from instead of trusting what they missed.
+
+        Drops from a full spool are told once it has drained to half: told earlier, the
+        report and its snapshot would only push out more messages, and be told again.
+        """
+        now = time.time()
+        if now < self._next_drop_report:
+            return
+        reports: list[tuple[DropReason, Tally, DroppedRange | None]] = []
+        queued = self._queue_drops.take()
+        if queued is not None:
+            reports.append(("queue_full", queued, None))
+        if spool.used_bytes < self.settings.spool_max_bytes // 2:
+            everyone = frozenset(self._drivers)
+            for span in self._spool_drops:
+                tally = Tally(span.count, dict(span.types), everyone, span.at)
+                reports.append(("spool_full", tally, span))
+            self._spool_drops = []
+        if not reports:
+            return
+        self._next_drop_report = now + DROP_REPORT_INTERVAL_S
+        concerned: set[str] = set()
+        for reason, lost, sequences in reports:
+            log.error("%d event(s) dropped (%s); publishing publisher.dropped", lost.count, reason)
+            self._add_publisher("dropped", self._dropped_data(reason, lost, sequences), now, reason)
+            concerned |= lost.backends
+        for driver in self.drivers:
+            if driver.backend in concerned:
+                listing = self._list(driver)
+                if listing is not None:
+                    self._resync(driver, "dropped", listing)
+
+    def _make_room(self, spool: Spool, broker: Broker, incoming: list[OutgoingMessage]) -> None:
+        """Under `drop-oldest`: drops the oldest messages not yet sent to the broker.
+
+        Messages in flight stay: the broker may have them already.
+        """
+        settings = self.settings
+        if settings.spool_full_policy != "drop-oldest":
+            return
+        excess = spool.used_bytes + sum(map(stored_size, incoming)) - settings.spool_max_bytes
+        if excess <= 0:
+            return
+        unsent = broker.withdraw()
+        if unsent is not None:
+            self._handed = unsent - 1
+        dropped = spool.drop_oldest(self._handed, excess)
+        for span in dropped:
+            log.error(
+                "spool full: dropped %d unsent message(s), sequences %d-%d",
+                span.count,
+                span.first,
+                span.last,
+            )
+        self._spool_drops = DroppedRange.merge([*self._spool_drops, *dropped])
+
+    def _dropped_data(
+        self, reason: DropReason, tally: Tally, dropped: DroppedRange | None
+    ) -> dict[str, JSONValue]:
+        events: dict[str, JSONValue] = dict(sorted(tally.types.items()))
+        backends: list[JSONValue] = [*sorted(tally.backends & set(self._drivers))]
+        data: dict[str, JSONValue] = {
+            "reason": reason,
+            "policy": self.settings.spool_full_policy,
+            "count": tally.count,
+            "events": events,
+            "backends": backends,
+            "since": rfc3339(tally.since),
+        }
+        if dropped is not None:
+            data["first_sequence"] = dropped.first
+            data["last_sequence"] = dropped.last
+        return data
 
     def _take_queued(self, limit: int) -> None:
         """Handles what is already queued, up to `limit` messages: one spool commit for all."""
@@ -201,7 +308,10 @@ class Daemon:
             return None
 
     def _resync(
-        self, driver: Driver, reason: Literal["startup", "reconnect"], listing: list[DomainFacts]
+        self,
+        driver: Driver,
+        reason: Literal["startup", "reconnect", "dropped"],
+        listing: list[DomainFacts],
     ) -> None:
         """After a blind gap: publishes the transitions missed, then a snapshot of every domain.
 
@@ -275,6 +385,7 @@ class Daemon:
             return
         messages, self._pending = self._pending, []
         changes = {backend: t.take_changes() for backend, t in self._trackers.items()}
+        self._make_room(spool, broker, messages)
         spool.append(messages, changes)
         self._feed(spool, broker, messages)
 

@@ -9,6 +9,12 @@ and a power cut. Appends come in batches, one transaction (one fsync) each, so
 durability does not cost an fsync per event. The spool also keeps the last
 sequence number handed out, so a restarted publisher continues without a gap.
 
+The spool is bounded by what its unconfirmed messages take (`stored_size`,
+counted as they come and go, so no query is needed to know it); the daemon
+applies the full-spool policy. Messages the broker returned as unroutable even
+through the alternate exchange are kept in a table of their own, for the
+operator, instead of vanishing with their ack.
+
 Confirmed messages are deleted by a janitor thread of the spool's own, in
 batches and without fsync: the AMQP I/O thread never waits for the disk, and a
 delete lost to a power cut only means a resend (with the same id) of a message
@@ -19,6 +25,7 @@ whose busy handler sleeps for up to tens of milliseconds.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import sqlite3
@@ -26,7 +33,9 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from publisher.envelope import OutgoingMessage
 from publisher.event import DomainState
@@ -41,6 +50,18 @@ CREATE TABLE IF NOT EXISTS messages (
     timestamp   INTEGER NOT NULL,
     properties  BLOB NOT NULL,
     body        BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS returned (
+    sequence    INTEGER PRIMARY KEY,
+    id          TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    timestamp   INTEGER NOT NULL,
+    properties  BLOB NOT NULL,
+    body        BLOB NOT NULL,
+    reply_code  INTEGER NOT NULL,
+    reply_text  TEXT NOT NULL,
+    returned_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -62,6 +83,57 @@ CREATE TABLE IF NOT EXISTS domains (
 
 log = logging.getLogger(__name__)
 
+KEEP_TYPE = "org.virtpub.publisher.dropped"
+"""Never dropped to make room: the reports of earlier drops."""
+ROW_OVERHEAD = 40
+"""Bytes a stored message takes beyond its fields: SQLite's record header and index entry."""
+_STORED_SIZE_SQL = (
+    f"length(id) + length(routing_key) + length(type) + length(properties) + length(body)"
+    f" + {ROW_OVERHEAD}"
+)
+
+
+def stored_size(message: OutgoingMessage) -> int:
+    """What a spooled message counts against the spool's bound (ids and keys are ASCII)."""
+    return (
+        len(message.id)
+        + len(message.routing_key)
+        + len(message.type)
+        + len(message.properties)
+        + len(message.body)
+        + ROW_OVERHEAD
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRange:
+    """Spooled messages given up to make room: sequences first..last, all of them."""
+
+    first: int
+    last: int
+    types: Mapping[str, int]
+    at: float
+    """Wall-clock time of the drop."""
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+    @staticmethod
+    def merge(ranges: Iterable[DroppedRange]) -> list[DroppedRange]:
+        """Adjacent ranges as one, so a long outage is told in one message, not hundreds."""
+        merged: list[DroppedRange] = []
+        for current in sorted(ranges, key=lambda r: r.first):
+            previous = merged[-1] if merged else None
+            if previous is None or previous.last + 1 != current.first:
+                merged.append(current)
+                continue
+            types = collections.Counter(previous.types)
+            types.update(current.types)
+            merged[-1] = DroppedRange(previous.first, current.last, dict(types), previous.at)
+        return merged
+
+
 DomainChanges = Mapping[str, tuple[Mapping[str, Record], AbstractSet[str]]]
 """Per backend: the records that changed and the UUIDs that no longer exist."""
 
@@ -78,7 +150,9 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._confirmed: list[int] = []
+        self._confirmed: list[tuple[int, int]] = []
+        """(sequence, stored size) of confirmed messages the janitor has yet to delete."""
+        self._returned: list[tuple[OutgoingMessage, int, str, float]] = []
         self._confirmed_lock = threading.Lock()
         self._janitor_lock = threading.Lock()
         self._deleted = 0
@@ -91,6 +165,8 @@ class Spool:
             # so no append waits for one.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
+            row = self._db.execute(f"SELECT TOTAL({_STORED_SIZE_SQL}) FROM messages").fetchone()
+            self._bytes = int(row[0])
         except (OSError, sqlite3.Error) as err:
             raise SpoolError(f"spool: cannot open {str(path)!r}: {err}") from err
         self._janitor = threading.Thread(target=self._sweep, name="spool-janitor", daemon=True)
@@ -102,6 +178,11 @@ class Spool:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         return db
+
+    @property
+    def used_bytes(self) -> int:
+        """What the unconfirmed messages take, by `stored_size`."""
+        return self._bytes
 
     def last_sequence(self) -> int:
         with self._lock:
@@ -116,18 +197,7 @@ class Spool:
                 " FROM messages WHERE sequence > ? ORDER BY sequence LIMIT ?",
                 (sequence, limit),
             ).fetchall()
-        return [
-            OutgoingMessage(
-                sequence=seq,
-                id=mid,
-                routing_key=key,
-                type=mtype,
-                timestamp=ts,
-                properties=bytes(properties),
-                body=bytes(body),
-            )
-            for seq, mid, key, mtype, ts, properties, body in rows
-        ]
+        return [_message(row) for row in rows]
 
     def domains(self) -> dict[str, dict[str, Record]]:
         """What was last published about each domain, per backend."""
@@ -163,31 +233,80 @@ class Spool:
                     [(backend, uuid) for uuid in removed],
                 )
             self._db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        m.sequence,
-                        m.id,
-                        m.routing_key,
-                        m.type,
-                        m.timestamp,
-                        m.properties,
-                        m.body,
-                    )
-                    for m in messages
-                ],
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", map(_row, messages)
             )
             self._db.execute(
                 "INSERT INTO meta VALUES ('sequence', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (messages[-1].sequence,),
             )
+        size = sum(map(stored_size, messages))
+        with self._lock:
+            self._bytes += size
 
-    def remove(self, sequences: Iterable[int]) -> None:
+    def drop_oldest(self, after: int, need: int) -> list[DroppedRange]:
+        """Deletes the oldest messages following `after` until `need` bytes are free.
+
+        `after` is the last sequence handed to the broker: messages it holds are
+        not dropped, as they may yet be confirmed. Nor are earlier reports of drops
+        (`KEEP_TYPE`): a consumer learns of every gap even when the outage lasts.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT sequence, type, {_STORED_SIZE_SQL} FROM messages WHERE sequence > ?"
+                " ORDER BY sequence",
+                (after,),
+            )
+            spans: list[tuple[int, int, collections.Counter[str]]] = []
+            freed = 0
+            for sequence, mtype, size in rows:
+                if freed >= need:
+                    break
+                if mtype == KEEP_TYPE:
+                    continue
+                if not spans or spans[-1][1] + 1 != sequence:
+                    spans.append((sequence, sequence, collections.Counter()))
+                first, _, types = spans[-1]
+                types[mtype] += 1
+                spans[-1] = (first, sequence, types)
+                freed += size
+            rows.close()
+        dropped = [
+            DroppedRange(first, last, dict(types), time.time()) for first, last, types in spans
+        ]
+        if not dropped:
+            return []
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM messages WHERE sequence >= ? AND sequence <= ?",
+                [(span.first, span.last) for span in dropped],
+            )
+            self._bytes -= freed
+        return dropped
+
+    def remove(self, messages: Iterable[OutgoingMessage]) -> None:
         """Forgets confirmed messages; returns at once (the janitor deletes them)."""
+        confirmed = [(m.sequence, stored_size(m)) for m in messages]
         with self._confirmed_lock:
-            self._confirmed.extend(sequences)
+            self._confirmed.extend(confirmed)
         self._wake.set()
+
+    def keep_returned(self, message: OutgoingMessage, reply_code: int, reply_text: str) -> None:
+        """Keeps a message the broker returned as unroutable; returns at once (the janitor
+        stores it, before it deletes the message when its ack arrives)."""
+        with self._confirmed_lock:
+            self._returned.append((message, reply_code, reply_text, time.time()))
+        self._wake.set()
+
+    def returned(self) -> list[tuple[OutgoingMessage, int, str]]:
+        """The messages kept as returned, oldest first, with the broker's reply."""
+        self._delete_confirmed()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sequence, id, routing_key, type, timestamp, properties, body,"
+                " reply_code, reply_text FROM returned ORDER BY sequence"
+            ).fetchall()
+        return [(_message(row[:7]), int(row[7]), str(row[8])) for row in rows]
 
     def _sweep(self) -> None:
         while not self._closing:
@@ -203,7 +322,8 @@ class Spool:
     def _delete_batch(self) -> None:
         with self._confirmed_lock:
             batch, self._confirmed = self._confirmed, []
-        if not batch:
+            returned, self._returned = self._returned, []
+        if not batch and not returned:
             return
         try:
             with self._lock:
@@ -211,9 +331,14 @@ class Spool:
                 try:
                     self._db.execute("BEGIN")
                     self._db.executemany(
-                        "DELETE FROM messages WHERE sequence = ?", [(s,) for s in batch]
+                        "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(*_row(m), code, text, at) for m, code, text, at in returned],
+                    )
+                    self._db.executemany(
+                        "DELETE FROM messages WHERE sequence = ?", [(s,) for s, _ in batch]
                     )
                     self._db.execute("COMMIT")
+                    self._bytes -= sum(size for _, size in batch)
                 finally:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
@@ -253,6 +378,11 @@ class Spool:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
 
+    def returned_count(self) -> int:
+        self._delete_confirmed()
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM returned").fetchone()[0])
+
     def close(self) -> None:
         self._closing = True
         self._wake.set()
@@ -260,3 +390,24 @@ class Spool:
         self._delete_confirmed()
         with self._lock:
             self._db.close()
+
+
+_Row = tuple[int, str, str, str, int, bytes, bytes]
+
+
+def _row(message: OutgoingMessage) -> _Row:
+    m = message
+    return (m.sequence, m.id, m.routing_key, m.type, m.timestamp, m.properties, m.body)
+
+
+def _message(row: Sequence[Any]) -> OutgoingMessage:
+    sequence, mid, key, mtype, timestamp, properties, body = row
+    return OutgoingMessage(
+        sequence=sequence,
+        id=mid,
+        routing_key=key,
+        type=mtype,
+        timestamp=timestamp,
+        properties=bytes(properties),
+        body=bytes(body),
+    )

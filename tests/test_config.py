@@ -183,6 +183,13 @@ def test_each_unknown_key_in_config_file_is_its_own_problem(tmp_path: Path) -> N
         ("libvirt_uri", ["qemu:///system", "system"]),
         ("host_id", "*.#"),
         ("host_id", 7),
+        ("spool_max_bytes", "lots"),
+        ("spool_max_bytes", "1MB5"),
+        ("spool_max_bytes", "512KiB"),
+        ("spool_max_bytes", 0),
+        ("spool_max_bytes", True),
+        ("spool_max_bytes", 1.5),
+        ("spool_full_policy", "drop-newest"),
     ],
 )
 def test_invalid_value_gives_exactly_one_problem_naming_its_key(
@@ -191,6 +198,31 @@ def test_invalid_value_gives_exactly_one_problem_naming_its_key(
     problems = problems_of({**valid, key: value})
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1GiB", 1 << 30),
+        ("512MiB", 512 << 20),
+        ("2g", 2 << 30),
+        ("3 M", 3 << 20),
+        ("1048576", 1 << 20),
+        (5 << 20, 5 << 20),
+        ("1TB", 1 << 40),
+    ],
+)
+def test_spool_max_bytes_takes_binary_units(
+    valid: dict[str, object], value: object, size: int
+) -> None:
+    assert validate({**valid, "spool_max_bytes": value}).spool_max_bytes == size
+
+
+def test_spool_defaults_bound_the_spool_and_block(valid: dict[str, object]) -> None:
+    settings = validate(valid)
+    assert (settings.spool_max_bytes, settings.spool_full_policy) == (1 << 30, "block")
+    settings = validate({**valid, "spool_full_policy": "Drop-Oldest"})
+    assert settings.spool_full_policy == "drop-oldest"
 
 
 def test_amqp_url_problem_says_what_is_wrong(valid: dict[str, object]) -> None:

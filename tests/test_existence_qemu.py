@@ -343,8 +343,12 @@ class Workload:
                 getattr(dom, operation)()
         except libvirt.libvirtError as err:
             # The guest changed state between listing and acting (a network-boot guest
-            # may stop by itself): choose again. Its own events still reach virtpub.
-            if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+            # may stop by itself, and a transient one is then gone): choose again. Its own
+            # events still reach virtpub.
+            if err.get_error_code() not in (
+                libvirt.VIR_ERR_OPERATION_INVALID,
+                libvirt.VIR_ERR_NO_DOMAIN,
+            ):
                 raise
             self.skipped += 1
             return

@@ -24,6 +24,7 @@ from typing import Any
 import pika
 import pytest
 
+from publisher.spool import ROW_OVERHEAD
 from tests.rabbitnode import RabbitNode
 
 DOMAINS = 50
@@ -53,13 +54,19 @@ def queue(node: RabbitNode) -> Iterator[str]:
 
 
 def start_virtpub(
-    node: RabbitNode, exchange: str, state_dir: Path, count: int = BURST, rate: int = 2500
+    node: RabbitNode,
+    exchange: str,
+    state_dir: Path,
+    *,
+    count: int = BURST,
+    rate: int = 2500,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen[str]:
     uri = f"synthetic:///?domains={DOMAINS}&rate={rate}&count={count}"
     return subprocess.Popen(
         [sys.executable, "-m", "publisher", "run", "--libvirt-uri", uri,
          "--amqp-url", node.url(), "--exchange", exchange, "--state-dir", str(state_dir),
-         "--host-id", "faulty"],
+         "--host-id", "faulty", *(extra or [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -208,3 +215,134 @@ def _settled(node: RabbitNode, queue: str) -> Callable[[], bool]:
         return settled
 
     return check
+
+
+SPOOL_LIMIT = 1 << 20
+SPOOL_SLACK = 500 * 1024
+"""A full spool still takes the batch in hand (at most 500 messages of about 700 bytes)."""
+
+
+def start_spooling(
+    node: RabbitNode, exchange: str, state_dir: Path, count: int, policy: str
+) -> subprocess.Popen[str]:
+    return start_virtpub(
+        node, exchange, state_dir, count=count, rate=0,
+        extra=["--spool-max-bytes", "1MiB", "--spool-full-policy", policy],
+    )  # fmt: skip
+
+
+def spool_bytes(state_dir: Path) -> int:
+    """What the spool's messages take, counted as virtpub counts them against its bound."""
+    size = f"length(id) + length(routing_key) + length(type) + length(properties) + length(body) + {ROW_OVERHEAD}"  # noqa: E501
+    with sqlite3.connect(f"file:{state_dir / 'spool.sqlite3'}?mode=ro", uri=True) as db:
+        return int(db.execute(f"SELECT TOTAL({size}) FROM messages").fetchone()[0])
+
+
+def wait_for_steady_spool(state_dir: Path) -> int:
+    """Waits until the spool stopped growing: the burst is over or held back."""
+    wait_until((state_dir / "spool.sqlite3").exists, 30, "the spool")
+    last, steady_since = -1, time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() - steady_since < 3:
+        if time.monotonic() > deadline:
+            pytest.fail("the spool never stopped growing")
+        now = spool_bytes(state_dir)
+        if now != last:
+            last, steady_since = now, time.monotonic()
+        time.sleep(0.2)
+    return last
+
+
+def test_a_full_spool_blocks_and_publishes_what_it_dropped(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """Policy block: the spool stays within its bound while the broker is away, the queue
+    in front of it overflows, and every event is either delivered or counted as dropped."""
+    burst = 130_000  # more than the spool and the daemon's queue (100,000) hold together
+    node.stop()
+    try:
+        virtpub = start_spooling(node, queue, tmp_path, burst, "block")
+        held = wait_for_steady_spool(tmp_path)
+        assert SPOOL_LIMIT <= held <= SPOOL_LIMIT + SPOOL_SLACK
+        assert virtpub.poll() is None
+    finally:
+        node.start()
+    wait_until(_settled(node, queue), 180, "the queue to settle")
+    wait_until(lambda: any(_dropped(read_peek(node, queue))), 60, "publisher.dropped")
+    wait_until(_settled(node, queue), 60, "the queue to settle")
+    stderr = stop(virtpub)
+    bodies = read_all(node, queue)
+    reports = _dropped(bodies)
+    assert {r["data"]["reason"] for r in reports} == {"queue_full"}
+    lost = sum(r["data"]["count"] for r in reports)
+    assert 0 < lost <= burst - 100_000  # the queue held 100,000 at least
+    assert sum(n for r in reports for n in r["data"]["events"].values()) == lost
+    assert f" {lost} dropped from a full queue" in stderr
+    assert_complete(bodies, burst - lost)  # no sequence gap: dropped events never got one
+    _assert_snapshot_follows(bodies, reports)
+
+
+def test_drop_oldest_keeps_the_spool_bounded_and_names_the_sequences_it_dropped(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    burst = 20_000
+    node.stop()
+    try:
+        virtpub = start_spooling(node, queue, tmp_path, burst, "drop-oldest")
+        held = wait_for_steady_spool(tmp_path)
+        assert held <= SPOOL_LIMIT + SPOOL_SLACK
+        assert virtpub.poll() is None
+    finally:
+        node.start()
+    wait_until(lambda: any(_dropped(read_peek(node, queue))), 120, "publisher.dropped")
+    wait_until(_settled(node, queue), 120, "the queue to settle")
+    stop(virtpub)
+    bodies = read_all(node, queue)
+    reports = _dropped(bodies)
+    assert reports and {r["data"]["reason"] for r in reports} == {"spool_full"}
+    dropped: set[int] = set()
+    for report in reports:
+        span = range(report["data"]["first_sequence"], report["data"]["last_sequence"] + 1)
+        assert report["data"]["count"] == len(span)
+        assert sum(report["data"]["events"].values()) == len(span)
+        assert not dropped & set(span), "each sequence is reported dropped once"
+        dropped |= set(span)
+    received = {b["sequence"] for b in bodies}
+    assert not received & dropped, "a message reported dropped must not arrive"
+    assert received | dropped == set(range(1, max(received) + 1)), "an unexplained gap"
+    emitted = [b["sequence"] for b in bodies if b["data"].get("origin") == "libvirt"]
+    assert len(emitted) < burst
+    assert max(dropped) < max(emitted), "the oldest are dropped, the newest kept"
+    _assert_snapshot_follows(bodies, reports)
+
+
+def read_peek(node: RabbitNode, queue: str) -> list[dict[str, Any]]:
+    """The newest few hundred messages' bodies, read without consuming."""
+    connection = pika.BlockingConnection(pika.URLParameters(node.url()))
+    channel = connection.channel()
+    bodies = []
+    try:
+        total = int(channel.queue_declare(queue, passive=True).method.message_count)
+        for _ in range(min(total, 5000)):
+            method, _props, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            bodies.append(json.loads(body))
+    finally:
+        connection.close()  # unacked messages go back to the queue
+    return bodies
+
+
+def _dropped(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [b for b in bodies if b["type"] == "org.virtpub.publisher.dropped"]
+
+
+def _assert_snapshot_follows(bodies: list[dict[str, Any]], reports: list[dict[str, Any]]) -> None:
+    """After a loss, a snapshot (reason dropped) lets a consumer rebuild what it missed."""
+    last = max(r["sequence"] for r in reports)
+    snapshots = [
+        b for b in bodies
+        if b["type"] == "org.virtpub.publisher.snapshot" and b["sequence"] > last
+    ]  # fmt: skip
+    assert [s["data"]["reason"] for s in snapshots][:2] == ["dropped", "dropped"]
+    assert snapshots[1]["data"]["domains"] == DOMAINS

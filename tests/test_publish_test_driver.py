@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import libvirt
 import pika
@@ -14,6 +16,7 @@ from cloudevents.core.formats.json import JSONFormat
 
 from drivers.libvirt_events import Catalog
 from publisher.envelope import CONTENT_TYPE
+from publisher.spool import Spool
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
 
 DOMAIN_XML = """<domain type='test'>
@@ -229,6 +232,43 @@ def test_unroutable_messages_are_kept_in_the_alternate_exchange_queue(
     assert kept[-2:] == [f"v1.{HOST_ID}.domain.added.defined", f"v1.{HOST_ID}.domain.defined.added"]
     assert f"v1.{HOST_ID}.publisher.snapshot.end" in kept
     assert broker.returned == 0
+
+
+def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
+    amqp_url: str,
+    exchange: str,
+    tmp_path: Path,
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    """With the alternate exchange's queue gone, the broker returns the message and then
+    acks it: virtpub must keep its copy instead of deleting it with the ack."""
+    publisher = publisher_factory()  # nothing is bound to the exchange
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection.channel().queue_delete(f"{exchange}.unroutable")
+    connection.close()
+    xml, dom_uuid = domain_xml("vm-returned")
+    publisher.conn.defineXML(xml)
+    broker = publisher.daemon.broker
+    assert broker is not None
+    deadline = time.monotonic() + 15
+    while broker.returned < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert publisher.stop() == 0
+    spool = Spool(tmp_path / "state" / "spool.sqlite3")
+    try:
+        kept = spool.returned()
+        assert spool.count() == 0, "a returned message is acked: nothing left to resend"
+    finally:
+        spool.close()
+    assert broker.returned == len(kept) == 2
+    assert [m.routing_key for m, _code, _text in kept] == [
+        f"v1.{HOST_ID}.domain.added.defined",
+        f"v1.{HOST_ID}.domain.defined.added",
+    ]
+    assert {(code, text) for _m, code, text in kept} == {(312, "NO_ROUTE")}
+    for message, _code, _text in kept:
+        assert json.loads(message.body)["subject"] == dom_uuid
+        assert message.basic_properties().message_id == json.loads(message.body)["id"]
 
 
 def test_lifecycle_types_a_backend_lacks_are_polled(

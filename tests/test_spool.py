@@ -1,0 +1,105 @@
+"""The spool's bound and its drops, on a real SQLite file (no broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from publisher.envelope import OutgoingMessage, encode_properties
+from publisher.spool import KEEP_TYPE, DroppedRange, Spool, stored_size
+
+
+def message(sequence: int, kind: str = "org.virtpub.domain.started") -> OutgoingMessage:
+    body = b'{"pad": "' + b"x" * (sequence % 50) + b'"}'
+    return OutgoingMessage(
+        sequence=sequence,
+        id=f"00000000-0000-4000-8000-{sequence:012d}",
+        routing_key=f"v1.hv01.domain.{kind.rsplit('.', 1)[-1]}",
+        type=kind,
+        timestamp=1_700_000_000,
+        properties=encode_properties(f"id-{sequence}", 1_700_000_000, kind, {}),
+        body=body,
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    opened = Spool(tmp_path / "spool.sqlite3")
+    yield opened
+    opened.close()
+
+
+def test_used_bytes_follow_appends_and_confirmations(spool: Spool) -> None:
+    batch = [message(n) for n in range(1, 11)]
+    spool.append(batch)
+    assert spool.used_bytes == sum(map(stored_size, batch))
+    spool.remove(batch[:4])
+    assert spool.count() == 6  # waits for the janitor
+    assert spool.used_bytes == sum(map(stored_size, batch[4:]))
+
+
+def test_used_bytes_survive_a_reopen(tmp_path: Path) -> None:
+    batch = [message(n) for n in range(1, 21)]
+    first = Spool(tmp_path / "spool.sqlite3")
+    first.append(batch)
+    first.close()
+    again = Spool(tmp_path / "spool.sqlite3")
+    try:
+        assert again.used_bytes == sum(map(stored_size, batch))
+    finally:
+        again.close()
+
+
+def test_drop_oldest_frees_what_is_needed_after_the_handed_messages(spool: Spool) -> None:
+    batch = [message(n, "org.virtpub.domain.resumed" if n % 2 else "org.virtpub.domain.suspended")
+             for n in range(1, 101)]  # fmt: skip
+    spool.append(batch)
+    need = sum(map(stored_size, batch[10:15])) - 1  # a little less than five messages
+    [span] = spool.drop_oldest(after=10, need=need)
+    assert (span.first, span.last, span.count) == (11, 15, 5)
+    assert span.types == {"org.virtpub.domain.resumed": 3, "org.virtpub.domain.suspended": 2}
+    kept = [m.sequence for m in spool.after(0, 1000)]
+    assert kept == [*range(1, 11), *range(16, 101)]
+    assert spool.used_bytes == sum(stored_size(m) for m in batch if m.sequence in kept)
+
+
+def test_drop_oldest_never_drops_a_report_of_earlier_drops(spool: Spool) -> None:
+    batch = [message(n, KEEP_TYPE if n == 3 else "org.virtpub.domain.started")
+             for n in range(1, 8)]  # fmt: skip
+    spool.append(batch)
+    need = sum(stored_size(batch[i]) for i in (0, 1, 3, 4)) - 1  # four messages, not three
+    spans = spool.drop_oldest(after=0, need=need)
+    assert [(s.first, s.last) for s in spans] == [(1, 2), (4, 5)]
+    assert [m.sequence for m in spool.after(0, 100)] == [3, 6, 7]
+
+
+def test_drop_oldest_with_everything_handed_drops_nothing(spool: Spool) -> None:
+    spool.append([message(n) for n in range(1, 6)])
+    assert spool.drop_oldest(after=5, need=10_000) == []
+    assert spool.count() == 5
+
+
+def test_adjacent_drops_merge_into_one_report() -> None:
+    spans = [
+        DroppedRange(11, 20, {"a": 10}, 2.0),
+        DroppedRange(1, 10, {"a": 4, "b": 6}, 1.0),
+        DroppedRange(30, 31, {"b": 2}, 3.0),
+    ]
+    merged = DroppedRange.merge(spans)
+    assert merged == [
+        DroppedRange(1, 20, {"a": 14, "b": 6}, 1.0),
+        DroppedRange(30, 31, {"b": 2}, 3.0),
+    ]
+
+
+def test_returned_messages_are_kept_after_their_ack_deletes_them(spool: Spool) -> None:
+    batch = [message(n) for n in range(1, 4)]
+    spool.append(batch)
+    spool.keep_returned(batch[1], 312, "NO_ROUTE")
+    spool.remove(batch)
+    assert spool.count() == 0
+    [(kept, code, text)] = spool.returned()
+    assert (kept, code, text) == (batch[1], 312, "NO_ROUTE")
+    assert spool.returned_count() == 1
