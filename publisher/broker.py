@@ -121,7 +121,8 @@ class Broker:
 
         self._lock = threading.Condition()
         self._outbound: collections.deque[OutgoingMessage] = collections.deque()
-        self._in_flight: dict[int, OutgoingMessage] = {}
+        self._in_flight: collections.deque[tuple[int, OutgoingMessage]] = collections.deque()
+        """(delivery tag, message), tags ascending: acks settle from the left."""
         self._stop = threading.Event()
         self._fatal: str | None = None
 
@@ -377,17 +378,27 @@ class Broker:
                 mandatory=True,
             )
             self._next_tag += 1
-            self._in_flight[self._next_tag] = message
+            self._in_flight.append((self._next_tag, message))
         self.published += len(batch)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
-        settled = [t for t in self._in_flight if t <= tag] if multiple else [tag]
+        in_flight = self._in_flight
         if not isinstance(method, pika.spec.Basic.Ack):
-            self._on_nack(sum(t in self._in_flight for t in settled))
+            self._on_nack(sum(t <= tag if multiple else t == tag for t, _ in in_flight))
             return
-        messages = [self._in_flight.pop(t) for t in settled if t in self._in_flight]
+        messages: list[OutgoingMessage] = []
+        if multiple:
+            while in_flight and in_flight[0][0] <= tag:
+                messages.append(in_flight.popleft()[1])
+        elif in_flight and in_flight[0][0] == tag:
+            messages.append(in_flight.popleft()[1])
+        else:  # acks of messages routed to different queues may come out of order
+            settled = next((entry for entry in in_flight if entry[0] == tag), None)
+            if settled is not None:
+                in_flight.remove(settled)
+                messages.append(settled[1])
         self._spool.remove(messages)
         self.confirmed += len(messages)
         if self._on_confirmed is not None:
@@ -416,7 +427,7 @@ class Broker:
         """Only when the alternate exchange cannot take a message either (its queue was
         deleted, say): the ack that follows would otherwise delete the one copy."""
         self.returned += 1
-        message = next((m for m in self._in_flight.values() if m.id == props.message_id), None)
+        message = next((m for _, m in self._in_flight if m.id == props.message_id), None)
         if message is not None:
             self._spool.keep_returned(message, method.reply_code, method.reply_text)
         log.warning(
@@ -430,7 +441,7 @@ class Broker:
     def _requeue_in_flight(self) -> None:
         if not self._in_flight:
             return
-        pending = [self._in_flight[t] for t in sorted(self._in_flight)]
+        pending = [message for _, message in self._in_flight]
         self._in_flight.clear()
         with self._lock:
             self._outbound.extendleft(reversed(pending))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
@@ -27,7 +27,14 @@ from drivers.libvirt_events import Catalog, EventIdSpec, Field, normalize
 from publisher import __version__, envelope, schemas
 from publisher.capabilities import BackendCapabilities, EventSupport
 from publisher.daemon import ROUTING_KEY_FORMAT
-from publisher.envelope import CONTENT_TYPE, Envelope, OutgoingMessage, rfc3339, routing_key
+from publisher.envelope import (
+    CONTENT_TYPE,
+    Envelope,
+    MessageIds,
+    OutgoingMessage,
+    rfc3339,
+    routing_key,
+)
 from publisher.event import DomainEvent, DomainFacts, DomainRef, DomainState
 from publisher.model import GONE, Publication, Tracker
 from publisher.redact import redact_url
@@ -723,3 +730,21 @@ def test_pre_encoded_properties_are_byte_for_byte_what_pika_would_send() -> None
     )
     assert ours == b"".join(reference.encode())
     assert envelope.EncodedProperties(ours).encode() == [ours]
+
+
+def test_message_ids_are_distinct_version_4_uuids() -> None:
+    ids = MessageIds()
+    drawn = [ids.next() for _ in range(3 * MessageIds.BATCH + 5)]
+    assert len(set(drawn)) == len(drawn)
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
+@pytest.mark.parametrize(
+    "epoch", [0.0, 1_700_000_000.0, 1_700_000_000.123456, 1_700_000_000.9999996, 1_699_999_999.5]
+)
+def test_rfc3339_agrees_with_datetime(epoch: float) -> None:
+    expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+    assert rfc3339(epoch) == expected.replace("+00:00", "Z")
