@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import libvirt
 
+from drivers import capability_map
+from drivers.libvirt_capabilities import Probe, plan
 from drivers.libvirt_events import (
     LIFECYCLE_ID,
     SUPERSEDED_BY,
@@ -26,13 +28,16 @@ from drivers.libvirt_events import (
     normalize,
 )
 from publisher import retry
-from publisher.capabilities import BackendCapabilities, EventSupport
+from publisher.capabilities import BackendCapabilities
 from publisher.driver import DriverError, Emit
 from publisher.event import BackendChange, DomainFacts, DomainRef
 from publisher.model import GONE
 from publisher.redact import redact_url
 
 log = logging.getLogger(__name__)
+
+CapabilityLookup = Callable[[str, int], capability_map.DriverRow | None]
+"""conn.getType() and conn.getLibVersion() to what that driver emits; None: trust the probe."""
 
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -92,13 +97,13 @@ class LibvirtDomainDriver:
         host_id: str,
         *,
         catalog: Catalog | None = None,
-        emits: frozenset[str] | None = None,
+        capability_lookup: CapabilityLookup = capability_map.lookup,
         poll_interval: float = 10.0,
     ) -> None:
         self.uri = uri
         self._backend = source_uri(host_id, uri)
         self._catalog = catalog or Catalog(vars(libvirt))
-        self._emits = emits
+        self._capability_lookup = capability_lookup
         self._poll_interval = poll_interval
         self._conn: Any = None
         self._emit: Emit | None = None
@@ -106,6 +111,7 @@ class LibvirtDomainDriver:
         self._refused: dict[str, str] = {}
         self._subscribed: list[EventIdSpec] = []
         self._polled: frozenset[str] = frozenset()
+        self._superseded_types: frozenset[str] = frozenset()
         self._failures = 0
         self._superseded = 0
         self._capabilities: BackendCapabilities | None = None
@@ -238,7 +244,7 @@ class LibvirtDomainDriver:
                     args=rest[:-1],
                     received_at=received_at,
                 )
-                if event.event in self._polled:
+                if event.event in self._superseded_types:
                     self._superseded += 1  # polling owns this type; publishing both would repeat it
                     return
                 if self._emit is not None:
@@ -251,41 +257,36 @@ class LibvirtDomainDriver:
 
     def _describe(self) -> BackendCapabilities:
         conn = self._conn
-        subscribed_types = {s.event_type for s in self._subscribed}
-        lifecycle_ok = any(s.constant == LIFECYCLE_ID for s in self._subscribed)
-        lifecycle = self._catalog.lifecycle_types
-        if not lifecycle_ok:
-            self._polled = frozenset(lifecycle)
-        elif self._emits is not None:
-            self._polled = frozenset(t for t in lifecycle if t not in self._emits)
-        else:
-            self._polled = frozenset()
-        events: dict[str, EventSupport] = {
-            name: EventSupport("derived") for name in ("added", "removed", "snapshot")
+        accepted = frozenset(spec.event_type for spec in self._subscribed)
+        refused = {
+            spec.event_type: self._refused[spec.constant]
+            for spec in self._catalog.ids
+            if spec.constant in self._refused and spec.event_type not in accepted
         }
-        for name in lifecycle:
-            if name in self._polled:
-                reason = self._refused.get(LIFECYCLE_ID, "the backend does not emit it")
-                events[name] = EventSupport("polled", reason, self._poll_interval)
-            else:
-                events[name] = EventSupport("native")
-        for spec in self._catalog.ids:
-            if spec.constant == LIFECYCLE_ID or spec.event_type in events:
-                continue
-            if spec.event_type in subscribed_types:
-                events[spec.event_type] = EventSupport("native")
-            else:
-                events[spec.event_type] = EventSupport(
-                    "unsupported", self._refused.get(spec.constant)
-                )
+        driver_type = _optional(conn.getType) or "unknown"
+        lib_version = conn.getLibVersion()
+        probe = Probe(
+            driver_type=driver_type,
+            libvirt_version=lib_version,
+            lifecycle_types=self._catalog.lifecycle_types,
+            event_ids=tuple(
+                dict.fromkeys(s.event_type for s in self._catalog.ids if s.constant != LIFECYCLE_ID)
+            ),
+            accepted=accepted,
+            refused=refused,
+        )
+        row = self._capability_lookup(driver_type, lib_version)
+        decided = plan(probe, row, self._poll_interval)
+        self._polled = decided.polled
+        self._superseded_types = decided.superseded
         return BackendCapabilities(
             driver="libvirt",
             source=self._backend,
             uri=redact_url(conn.getURI()),
-            hypervisor_type=_optional(conn.getType),
+            hypervisor_type=driver_type,
             hypervisor_version=_optional(lambda: version_string(conn.getVersion())),
-            libvirt_version=_optional(lambda: version_string(conn.getLibVersion())),
-            events=events,
+            libvirt_version=version_string(lib_version),
+            events=decided.events,
         )
 
     def capabilities(self) -> BackendCapabilities:

@@ -126,8 +126,15 @@ class SyntheticDriver:
         return event
 
     def capabilities(self) -> BackendCapabilities:
-        events = {name: EventSupport("native") for name in ("suspended", "resumed")}
-        events.update({name: EventSupport("derived") for name in ("added", "removed", "snapshot")})
+        events = {
+            name: EventSupport("native", basis="synthetic") for name in ("suspended", "resumed")
+        }
+        events.update(
+            {
+                name: EventSupport("derived", basis="synthetic")
+                for name in ("added", "removed", "snapshot")
+            }
+        )
         return BackendCapabilities(
             driver="synthetic",
             source=self._backend,

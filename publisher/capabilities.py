@@ -12,7 +12,7 @@ from typing import Literal
 
 from publisher.event import JSONValue
 
-Support = Literal["native", "derived", "polled", "unsupported"]
+Support = Literal["native", "derived", "polled", "filesystem", "unsupported"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,10 @@ class EventSupport:
     """Why an event is not native, e.g. the error libvirt gave when registration failed."""
     interval_s: float | None = None
     """For polled events: seconds between two listings."""
+    basis: str = "probe"
+    """What the status rests on: `map:<libvirt version>`, `probe`, `inotify`, `synthetic`."""
+    details: tuple[str, ...] | None = None
+    """For native lifecycle types known from the capability map: the details sent with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,9 @@ class BackendCapabilities:
         events: dict[str, JSONValue] = {}
         for name in sorted(self.events):
             support = self.events[name]
-            entry: dict[str, JSONValue] = {"status": support.status}
+            entry: dict[str, JSONValue] = {"status": support.status, "basis": support.basis}
+            if support.details is not None:
+                entry["details"] = list(support.details)
             if support.reason is not None:
                 entry["reason"] = support.reason
             if support.interval_s is not None:

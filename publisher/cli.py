@@ -19,11 +19,13 @@ from publisher import __version__
 from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
-from publisher.driver import Driver
+from publisher.driver import Driver, DriverError
 from publisher.envelope import OutgoingMessage
+from publisher.explain import explain as explain_backend
 from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
 
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -151,6 +153,7 @@ def main() -> None:
       virtpub demo              watch events flow from libvirt's built-in test driver
       virtpub run               the daemon (see: virtpub run --help)
       virtpub inventory         every host's domains, rebuilt from the exchange alone
+      virtpub capabilities --explain   what this host's backends emit, and from where
     """
 
 
@@ -213,6 +216,59 @@ def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> N
 
 
 main.add_command(inventory_command)
+
+
+@main.command()
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Describe the backends of this host from their connections (no broker needed).",
+)
+@click.option(
+    "--libvirt-uri",
+    "libvirt_uris",
+    multiple=True,
+    default=("qemu:///system",),
+    show_default=True,
+    help="libvirt connection to describe; repeat for several.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=10.0,
+    show_default=True,
+    help="The polling interval to report for event types that must be polled.",
+)
+def capabilities(explain: bool, libvirt_uris: tuple[str, ...], poll_interval: float) -> None:
+    """Which event types each backend provides, and where they come from.
+
+    For every event type: native (the libvirt driver emits it, per virtpub's map of
+    libvirt's drivers), derived (virtpub computes it), polled (virtpub lists the
+    domains every --poll-interval seconds to find it: one listing call each time),
+    filesystem (a watched config directory) or unsupported; with the basis of the
+    answer: map:<libvirt version>, or probe for drivers and versions the map does
+    not cover (libvirt accepts registrations for events a driver never sends).
+
+    Exit codes: 0 described, 1 a connection could not be opened, 2 bad usage.
+    """
+    if not explain:
+        raise click.UsageError(
+            "asking running publishers over the broker is not available yet;"
+            " use --explain to describe this host's connections"
+        )
+    setup_logging("warning", "text")
+    failed = False
+    for uri in libvirt_uris:
+        driver = LibvirtDomainDriver(uri, "localhost", poll_interval=poll_interval)
+        try:
+            driver.start(lambda _signal: None)
+            click.echo(explain_backend(driver.capabilities()))
+        except DriverError as err:
+            click.echo(f"virtpub: {err}", err=True)
+            failed = True
+        finally:
+            driver.stop()
+    sys.exit(EXIT_FAILURE if failed else 0)
 
 
 def make_driver(uri: str, settings: Settings) -> Driver:

@@ -26,7 +26,8 @@ import libvirt
 import pika
 import pytest
 
-from drivers.libvirt_domain import LibvirtDomainDriver
+from drivers import capability_map
+from drivers.libvirt_domain import CapabilityLookup, LibvirtDomainDriver
 from publisher import schemas
 from publisher.config import Settings
 from publisher.daemon import Daemon
@@ -187,11 +188,16 @@ class RunningPublisher:
     """A publisher running in this process, so a test can drive `test:///default` through
     the very connection the driver watches (each such connection is a separate host)."""
 
-    def __init__(self, settings: Settings, emits: frozenset[str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, capability_lookup: CapabilityLookup = capability_map.lookup
+    ) -> None:
         self.settings = settings
         self.drivers = [
             LibvirtDomainDriver(
-                uri, settings.host_id, emits=emits, poll_interval=settings.poll_interval
+                uri,
+                settings.host_id,
+                capability_lookup=capability_lookup,
+                poll_interval=settings.poll_interval,
             )
             for uri in settings.libvirt_uris
         ]
@@ -226,7 +232,7 @@ def publisher_factory(
     def start(
         *libvirt_uris: str,
         state_dir: Path | None = None,
-        emits: frozenset[str] | None = None,
+        capability_lookup: CapabilityLookup = capability_map.lookup,
         poll_interval: float = 10.0,
     ) -> RunningPublisher:
         settings = make_settings(
@@ -236,7 +242,7 @@ def publisher_factory(
             *libvirt_uris,
             poll_interval=poll_interval,
         )
-        publisher = RunningPublisher(settings, emits)
+        publisher = RunningPublisher(settings, capability_lookup)
         running.append(publisher)
         return publisher
 

@@ -197,3 +197,32 @@ def test_demo_prints_what_the_broker_confirmed(tmp_path: Path, exchange: str) ->
         "v1.demohost.domain.stopped.destroyed",
         "v1.demohost.domain.removed.stopped",
     ]
+
+
+def test_capabilities_explain_describes_a_connection_without_a_broker() -> None:
+    result = virtpub(
+        "capabilities", "--explain", "--libvirt-uri", "test:///default", "--poll-interval", "7"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "test:///default: TEST driver, libvirt 9.0.0; basis map:9.0.0"
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[2:-1]}
+    assert rows["started"][0] == "native"
+    assert rows["added"] == ["derived"]
+    assert rows["crashed"] == ["polled", "every 7 s; libvirt's TEST driver does not emit it"]
+    assert rows["reboot"][0] == "unsupported"
+    assert lines[-1].strip() == "(7 native, 3 derived, 2 polled, 24 unsupported)"
+
+
+def test_capabilities_explain_of_a_bad_uri_is_one_line_and_exit_1() -> None:
+    result = virtpub("capabilities", "--explain", "--libvirt-uri", "nope:///x")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "virtpub: libvirt: cannot open 'nope:///x': no connection driver available for nope:///x"
+    ]
+
+
+def test_capabilities_without_explain_is_a_usage_error() -> None:
+    result = virtpub("capabilities")
+    assert result.returncode == 2
+    assert "use --explain" in result.stderr

@@ -559,16 +559,27 @@ def test_capabilities_schema_rejects_an_unknown_support_status(
         validator(schemas.PUBLISHER_CAPABILITIES).validate(body)
 
 
+def test_capabilities_schema_requires_the_basis_of_every_entry(
+    capabilities: OutgoingMessage,
+) -> None:
+    body = copy.deepcopy(body_of(capabilities))
+    del body["data"]["backends"][0]["events"]["reboot"]["basis"]
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schemas.PUBLISHER_CAPABILITIES).validate(body)
+
+
 def test_capabilities_to_json_omits_absent_reasons_and_sorts_events() -> None:
     backend = capabilities_data()["backends"][0]
     assert backend["events"]["block_threshold"] == {
         "status": "unsupported",
+        "basis": "probe",
         "reason": "not supported by this driver",
     }
-    assert backend["events"]["reboot"] == {"status": "native"}
-    assert backend["events"]["added"] == {"status": "derived"}
+    assert backend["events"]["reboot"] == {"status": "native", "basis": "probe"}
+    assert backend["events"]["added"] == {"status": "derived", "basis": "probe"}
     assert backend["events"]["pmsuspended"] == {
         "status": "polled",
+        "basis": "probe",
         "reason": "the backend does not emit it",
         "interval_s": 10.0,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -9,12 +10,12 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import libvirt
 import pika
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 
-from drivers.libvirt_events import Catalog
+from drivers import capability_map
+from drivers.capability_map import DriverRow
 from publisher.envelope import CONTENT_TYPE
 from publisher.spool import Spool
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
@@ -166,12 +167,13 @@ def test_bindings_select_exactly_what_they_name(
     assert other_host.quiet(0.5) == []
 
 
-def test_capabilities_name_every_event_type_from_the_probe(
+def test_test_driver_capabilities_are_its_row_of_the_map(
     consumer_factory: Callable[..., Consumer],
     publisher_factory: Callable[..., RunningPublisher],
 ) -> None:
+    """test:///default accepts every registration; the map says what it really sends."""
     consumer = consumer_factory("v1.*.publisher.capabilities")
-    publisher_factory()
+    publisher = publisher_factory()
     (message,) = consumer.collect(lambda m: len(m) >= 1)
     assert_valid(message)
     data = message.body["data"]
@@ -180,9 +182,23 @@ def test_capabilities_name_every_event_type_from_the_probe(
     (backend,) = data["backends"]
     assert backend["uri"] == "test:///default"
     assert backend["hypervisor"]["type"] == "TEST"
+    conn = publisher.conn
+    row = capability_map.lookup(conn.getType(), conn.getLibVersion())
+    assert row is not None
     events = backend["events"]
-    for name in ("defined", "undefined", "started", "stopped", "reboot", "block_job", "io_error"):
-        assert events[name]["status"] == "native", name
+    by_status = {
+        status: {name for name, entry in events.items() if entry["status"] == status}
+        for status in ("native", "derived", "polled", "unsupported")
+    }
+    assert by_status["native"] == row.event_types
+    assert by_status["derived"] == {"added", "removed", "snapshot"}
+    assert by_status["polled"] == {"pmsuspended", "crashed"}  # states a listing shows
+    assert "shutdown" in by_status["unsupported"]  # a transition no listing shows
+    assert {"reboot", "block_job", "io_error", "graphics"} <= by_status["unsupported"]
+    assert {entry["basis"] for entry in events.values()} == {
+        f"map:{capability_map.format_libvirt_version(conn.getLibVersion())}"
+    }
+    assert events["stopped"]["details"] == sorted(row.lifecycle["stopped"])
     # The superseded IDs are not separate event types.
     assert "block_job_2" not in events and "io_error_reason" not in events
 
@@ -275,11 +291,17 @@ def test_lifecycle_types_a_backend_lacks_are_polled(
     consumer_factory: Callable[..., Consumer],
     publisher_factory: Callable[..., RunningPublisher],
 ) -> None:
-    """A driver whose known events lack suspended/resumed: pausing still yields them,
-    found by listing (`origin: poll`), and libvirt's own would-be duplicates are held back."""
+    """A driver whose map row lacks suspended/resumed: pausing still yields them, found by
+    listing (`origin: poll`), and libvirt's own would-be duplicates are held back."""
     consumer = consumer_factory("#")
-    lacking = frozenset(Catalog(vars(libvirt)).lifecycle_types) - {"suspended", "resumed"}
-    publisher = publisher_factory(emits=lacking, poll_interval=0.3)
+
+    def lacking(driver_type: str, libvirt_version: int) -> DriverRow | None:
+        row = capability_map.lookup(driver_type, libvirt_version)
+        assert row is not None, "the test driver has a row in the map"
+        kept = {k: v for k, v in row.lifecycle.items() if k not in {"suspended", "resumed"}}
+        return dataclasses.replace(row, lifecycle=kept)
+
+    publisher = publisher_factory(capability_lookup=lacking, poll_interval=0.3)
     xml, dom_uuid = domain_xml("vm-polled")
     dom = publisher.conn.defineXML(xml)
     dom.create()
@@ -301,8 +323,9 @@ def test_lifecycle_types_a_backend_lacks_are_polled(
     assert consumer.quiet(0.8) == messages, "libvirt's own suspended/resumed are not repeated"
     events = messages[0].body["data"]["backends"][0]["events"]
     assert events["suspended"] == {
-        "status": "polled", "reason": "the backend does not emit it", "interval_s": 0.3,
+        "status": "polled", "reason": "libvirt's TEST driver does not emit it",
+        "interval_s": 0.3, "basis": "map:9.0.0",
     }  # fmt: skip
-    assert events["started"] == {"status": "native"}
+    assert events["started"]["status"] == "native"
     for message in messages:
         assert_valid(message)
