@@ -14,6 +14,8 @@ from typing import Any
 import click
 
 from drivers import synthetic
+from drivers.fallback import FallbackWatch
+from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
 from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
@@ -40,7 +42,31 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--libvirt-uri",
         "libvirt_uri",
         multiple=True,
-        help="libvirt connection to watch; repeat for several. [default: qemu:///system]",
+        help="libvirt connection to watch; repeat for several. [default: qemu:///system,"
+        " or none when --watch is given]",
+    ),
+    click.option(
+        "--watch",
+        "watch",
+        multiple=True,
+        metavar="DIR[:FORMAT]",
+        help="A directory of domain config files to turn into defined/undefined events,"
+        " for backends that emit none (e.g. /etc/xen:xl); FORMAT is libvirt-xml (*.xml,"
+        " the default) or xl (*.cfg). Repeat for several. A directory that does not"
+        " exist yet is waited for.",
+    ),
+    click.option(
+        "--watch-defines",
+        "watch_defines",
+        help="fallback: config files give defined/undefined only when no libvirt backend of"
+        " this host emits them itself (the duplicates are counted, not published); always:"
+        " publish them regardless. [default: fallback]",
+    ),
+    click.option(
+        "--rescan-interval",
+        "rescan_interval",
+        help="Seconds between two full rescans of the watched directories (inotify can"
+        " overflow). [default: 300]",
     ),
     click.option(
         "--amqp-url",
@@ -271,11 +297,21 @@ def capabilities(explain: bool, libvirt_uris: tuple[str, ...], poll_interval: fl
     sys.exit(EXIT_FAILURE if failed else 0)
 
 
-def make_driver(uri: str, settings: Settings) -> Driver:
-    """libvirt for every libvirt URI; `synthetic:///?...` for benchmarks and fault tests."""
-    if uri.startswith(f"{synthetic.SCHEME}:"):
-        return synthetic.SyntheticDriver(uri, settings.host_id)
-    return LibvirtDomainDriver(uri, settings.host_id, poll_interval=settings.poll_interval)
+def make_drivers(settings: Settings) -> list[Driver]:
+    """libvirt for every libvirt URI (`synthetic:///?...` for benchmarks and fault tests), then
+    the watched directories, which start last: whether they are used depends on the others."""
+    drivers: list[Driver] = [
+        synthetic.SyntheticDriver(uri, settings.host_id)
+        if uri.startswith(f"{synthetic.SCHEME}:")
+        else LibvirtDomainDriver(uri, settings.host_id, poll_interval=settings.poll_interval)
+        for uri in settings.libvirt_uris
+    ]
+    if settings.watches:
+        watcher = FilesystemDriver(
+            settings.watches, settings.host_id, rescan_interval=settings.rescan_interval
+        )
+        drivers.append(FallbackWatch(watcher, list(drivers), settings.watch_defines))
+    return drivers
 
 
 def _serve(
@@ -291,7 +327,7 @@ def _serve(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    drivers = [make_driver(uri, settings) for uri in settings.libvirt_uris]
+    drivers = make_drivers(settings)
     daemon = Daemon(settings, drivers, on_confirmed=on_confirmed)
     if workload is not None:
         workload(daemon, stop).start()

@@ -24,10 +24,16 @@ ENV_PREFIX = "VIRTPUB_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SPOOL_FULL_POLICIES = ("block", "drop-oldest")
-MULTI_VALUED = frozenset({"libvirt_uri", "amqp_url"})
+MULTI_VALUED = frozenset({"libvirt_uri", "amqp_url", "watch"})
+WATCH_FORMATS = ("libvirt-xml", "xl")
+WATCH_DEFINES = ("fallback", "always")
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 DEFAULTS: Mapping[str, object] = {
-    "libvirt_uri": ("qemu:///system",),
+    "libvirt_uri": None,
+    "watch": (),
+    "watch_defines": "fallback",
+    "rescan_interval": 300.0,
     "amqp_url": ("amqp://guest:guest@localhost:5672/%2F",),
     "exchange": "virt.events",
     "host_id": None,
@@ -75,6 +81,12 @@ class Settings:
     amqp_key_file: Path | None = None
     spool_max_bytes: int = 1 << 30
     """What the spool's unconfirmed messages may take on disk."""
+    watches: tuple[tuple[Path, str], ...] = ()
+    """Config directories to watch, each with its format (libvirt-xml or xl)."""
+    watch_defines: str = "fallback"
+    """`fallback`: files give defined/undefined only where no libvirt backend emits them."""
+    rescan_interval: float = 300.0
+    """Seconds between two full rescans of the watched directories."""
     spool_full_policy: str = "block"
     """`block`: stop taking events (drivers' threads never wait: a bounded queue, then counted
     drops); `drop-oldest`: make room by dropping the oldest messages not yet handed out."""
@@ -201,6 +213,26 @@ class _Reader:
             return None
         return number
 
+    def watches(self) -> tuple[tuple[Path, str], ...]:
+        """`DIR[:FORMAT]`, FORMAT libvirt-xml (the default) or xl."""
+        if not self.values.get("watch"):
+            return ()
+        result: list[tuple[Path, str]] = []
+        for item in self.many("watch"):
+            directory, _, fmt = item.rpartition(":")
+            if not directory or fmt not in WATCH_FORMATS:
+                directory, fmt = item, "libvirt-xml"
+            path = Path(directory)
+            if not path.is_absolute():
+                path = Path.cwd() / path
+            if path.exists() and not path.is_dir():
+                self.problems.append(f"watch: {item!r} is not a directory")
+            elif any(existing == path for existing, _ in result):
+                self.problems.append(f"watch: {str(path)!r} is given twice")
+            else:
+                result.append((path, fmt))
+        return tuple(result)
+
     def readable_file(self, key: str) -> Path | None:
         value = self.values.get(key)
         if value is None:
@@ -236,7 +268,12 @@ class _Reader:
 
 def validate(values: Mapping[str, object]) -> Settings:
     read = _Reader(values)
-    libvirt_uris = read.many("libvirt_uri")
+    watches = read.watches()
+    if values.get("libvirt_uri") is None:
+        # A host watched through its config files alone may have no libvirt at all.
+        libvirt_uris: tuple[str, ...] = () if watches else (DEFAULT_LIBVIRT_URI,)
+    else:
+        libvirt_uris = read.many("libvirt_uri")
     for uri in libvirt_uris:
         if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri):
             read.problems.append(
@@ -260,13 +297,15 @@ def validate(values: Mapping[str, object]) -> Settings:
     log_level = read.choice("log_level", LOG_LEVELS)
     log_format = read.choice("log_format", LOG_FORMATS)
     poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
+    watch_defines = read.choice("watch_defines", WATCH_DEFINES)
+    rescan_interval = read.seconds("rescan_interval", 1.0, 86400.0)
     spool_max_bytes = read.size("spool_max_bytes", MIN_SPOOL_BYTES)
     spool_full_policy = read.choice("spool_full_policy", SPOOL_FULL_POLICIES)
 
     if read.problems:
         raise ConfigError(read.problems)
     assert exchange and state_dir and log_level and log_format and poll_interval  # for mypy
-    assert spool_max_bytes and spool_full_policy
+    assert spool_max_bytes and spool_full_policy and watch_defines and rescan_interval
     return Settings(
         libvirt_uris=libvirt_uris,
         amqp_urls=amqp_urls,
@@ -276,6 +315,9 @@ def validate(values: Mapping[str, object]) -> Settings:
         log_level=log_level,
         log_format=log_format,
         poll_interval=poll_interval,
+        watches=watches,
+        watch_defines=watch_defines,
+        rescan_interval=rescan_interval,
         spool_max_bytes=spool_max_bytes,
         spool_full_policy=spool_full_policy,
         **tls_files,

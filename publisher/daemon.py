@@ -23,10 +23,10 @@ from typing import Literal
 from publisher import __version__, schemas
 from publisher.broker import Broker, BrokerFatalError, Confirmed
 from publisher.config import Settings
-from publisher.driver import Driver, DriverError
+from publisher.driver import Driver, DriverError, Signal
 from publisher.drops import DropCounter, Tally
 from publisher.envelope import Envelope, OutgoingMessage, rfc3339
-from publisher.event import BackendChange, DomainEvent, DomainFacts, JSONValue
+from publisher.event import BackendChange, ConfigRejected, DomainFacts, JSONValue
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
 from publisher.spool import DroppedRange, Spool, SpoolError, stored_size
@@ -47,7 +47,6 @@ _EXISTENCE_BY_POLL = frozenset({"defined", "undefined", "started", "stopped"})
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
-Signal = DomainEvent | BackendChange
 DropReason = Literal["queue_full", "spool_full"]
 
 
@@ -276,6 +275,10 @@ class Daemon:
     def _handle(self, signal: Signal) -> None:
         if isinstance(signal, BackendChange):
             self._backend_changed(signal)
+            return
+        if isinstance(signal, ConfigRejected):
+            self._sequence += 1
+            self._pending.append(self._envelope.config_invalid(signal, self._sequence))
             return
         driver = self._drivers.get(signal.backend)
         if driver is None:

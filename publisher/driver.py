@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 from publisher.capabilities import BackendCapabilities
-from publisher.event import BackendChange, DomainEvent, DomainFacts
+from publisher.event import BackendChange, ConfigRejected, DomainEvent, DomainFacts
 
-Emit = Callable[[DomainEvent | BackendChange], None]
+Signal = DomainEvent | BackendChange | ConfigRejected
+Emit = Callable[[Signal], None]
 """Hands a signal to the publisher. Never blocks and never raises: safe on any thread."""
 
 

@@ -12,14 +12,17 @@ import threading
 import time
 from dataclasses import dataclass
 
+from publisher.driver import Signal
 from publisher.envelope import TYPE_PREFIX
-from publisher.event import BackendChange, DomainEvent
+from publisher.event import BackendChange, ConfigRejected
 
 
-def signal_type(signal: DomainEvent | BackendChange) -> str:
+def signal_type(signal: Signal) -> str:
     """The CloudEvents type the signal would have been published as."""
     if isinstance(signal, BackendChange):
         return f"{TYPE_PREFIX}publisher.backend"
+    if isinstance(signal, ConfigRejected):
+        return f"{TYPE_PREFIX}config.invalid"
     return f"{TYPE_PREFIX}domain.{signal.event}"
 
 
@@ -41,7 +44,7 @@ class DropCounter:
         self.total = 0
         """Every drop since the start, for logs and metrics."""
 
-    def add(self, signal: DomainEvent | BackendChange) -> int:
+    def add(self, signal: Signal) -> int:
         """Counts one dropped signal; returns the total so far. Safe on any thread."""
         kind = signal_type(signal)
         with self._lock:

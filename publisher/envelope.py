@@ -19,7 +19,7 @@ import pika.data
 import pika.spec
 
 from publisher import schemas
-from publisher.event import JSONValue
+from publisher.event import ConfigRejected, JSONValue
 from publisher.model import Publication
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -221,6 +221,25 @@ class Envelope:
             data=data,
             sequence=sequence,
             received_at=received_at,
+        )
+
+    def config_invalid(self, rejected: ConfigRejected, sequence: int) -> OutgoingMessage:
+        data: dict[str, JSONValue] = {
+            "backend": rejected.backend,
+            "path": rejected.path,
+            "reason": rejected.reason,
+            "message": rejected.message,
+        }
+        return self._message(
+            schema=schemas.info(schemas.CONFIG_INVALID),
+            entity="config",
+            event="invalid",
+            detail=None,
+            source=rejected.backend,
+            subject=rejected.path,
+            data=data,
+            sequence=sequence,
+            received_at=rejected.received_at,
         )
 
     def _message(

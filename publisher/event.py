@@ -98,3 +98,16 @@ class DomainEvent:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRejected:
+    """A config file virtpub refuses, published as `config.invalid`: the domain it may
+    describe is invisible (or frozen at the file's last valid content) until it is fixed."""
+
+    backend: str
+    path: str
+    reason: str
+    """A short code: `malformed`, `forbidden_xml`, `too_large`, `binary`, `symlink`, ..."""
+    message: str
+    received_at: float

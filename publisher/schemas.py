@@ -20,12 +20,14 @@ PUBLISHER_CAPABILITIES = "publisher-capabilities"
 PUBLISHER_SNAPSHOT = "publisher-snapshot"
 PUBLISHER_BACKEND = "publisher-backend"
 PUBLISHER_DROPPED = "publisher-dropped"
+CONFIG_INVALID = "config-invalid"
 ALL = (
     DOMAIN_EVENT,
     PUBLISHER_CAPABILITIES,
     PUBLISHER_SNAPSHOT,
     PUBLISHER_BACKEND,
     PUBLISHER_DROPPED,
+    CONFIG_INVALID,
 )
 
 

@@ -340,3 +340,26 @@ def test_password_never_appears_in_a_problem(valid: dict[str, object], url: str)
 def test_password_in_a_bad_libvirt_uri_is_hidden(valid: dict[str, object]) -> None:
     problems = problems_of({**valid, "libvirt_uri": "//admin:secret@host/system"})
     assert "secret" not in problems[0]
+
+
+def test_watching_directories_drops_the_default_libvirt_uri(
+    valid: dict[str, object], tmp_path: Path
+) -> None:
+    settings = validate({**valid, "watch": (f"{tmp_path}:xl", "/etc/libvirt/qemu")})
+    assert settings.libvirt_uris == ()
+    assert settings.watches == ((tmp_path, "xl"), (Path("/etc/libvirt/qemu"), "libvirt-xml"))
+    assert validate(valid).libvirt_uris == ("qemu:///system",)
+    explicit = validate({**valid, "watch": (str(tmp_path),), "libvirt_uri": ("qemu:///system",)})
+    assert explicit.libvirt_uris == ("qemu:///system",)
+
+
+def test_a_watch_that_is_a_file_or_given_twice_is_one_problem_each(
+    valid: dict[str, object], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "x.cfg"
+    a_file.write_text("")
+    problems = problems_of({**valid, "watch": (str(a_file), f"{tmp_path}:xl", str(tmp_path))})
+    assert problems == [
+        f"watch: {str(a_file)!r} is not a directory",
+        f"watch: {str(tmp_path)!r} is given twice",
+    ]
