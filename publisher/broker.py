@@ -19,6 +19,7 @@ import collections
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,6 +32,7 @@ import pika.spec
 from publisher import retry
 from publisher.config import Settings
 from publisher.envelope import APP_ID, EncodedProperties, OutgoingMessage
+from publisher.metrics import LatencyHistogram
 from publisher.redact import redact_url
 from publisher.spool import Spool
 
@@ -145,6 +147,7 @@ class Broker:
         self.nacked = 0
         self.returned = 0
         self.reconnects = 0
+        self.latency = LatencyHistogram()
         self._thread = threading.Thread(target=self._run, name="amqp-io", daemon=True)
 
     # -- any thread ---------------------------------------------------------------------------
@@ -183,6 +186,20 @@ class Broker:
             first = self._outbound[0].sequence
             self._outbound.clear()
             return first
+
+    @property
+    def ready(self) -> bool:
+        """Connected, in confirm mode and not blocked by a resource alarm."""
+        return self._session_ready and not self._blocked
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "published": self.published,
+            "confirmed": self.confirmed,
+            "nacked": self.nacked,
+            "returned": self.returned,
+            "reconnects": self.reconnects,
+        }
 
     def unconfirmed(self) -> int:
         with self._lock:
@@ -401,6 +418,10 @@ class Broker:
                 messages.append(settled[1])
         self._spool.remove(messages)
         self.confirmed += len(messages)
+        now = time.time()
+        for message in messages:
+            if message.received_at:
+                self.latency.observe(now - message.received_at)
         if self._on_confirmed is not None:
             self._on_confirmed(messages)
         with self._lock:

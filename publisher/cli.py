@@ -131,6 +131,13 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         " published as publisher.dropped. [default: block]",
     ),
     click.option(
+        "--metrics-listen",
+        "metrics_listen",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus /metrics and /healthz here (HOST defaults to 127.0.0.1; keep"
+        " it on loopback and let the local agent scrape it). [default: off]",
+    ),
+    click.option(
         "--log-level",
         "log_level",
         help="debug, info, warning or error. [default: info]",

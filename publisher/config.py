@@ -44,6 +44,7 @@ DEFAULTS: Mapping[str, object] = {
     "amqp_ca_file": None,
     "amqp_cert_file": None,
     "amqp_key_file": None,
+    "metrics_listen": None,
     "spool_max_bytes": "1GiB",
     "spool_full_policy": "block",
 }
@@ -79,6 +80,8 @@ class Settings:
     amqp_cert_file: Path | None = None
     """A client certificate for amqps://; without a password in the URL it logs in by EXTERNAL."""
     amqp_key_file: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
+    """Where to serve /metrics and /healthz; None: not at all."""
     spool_max_bytes: int = 1 << 30
     """What the spool's unconfirmed messages may take on disk."""
     watches: tuple[tuple[Path, str], ...] = ()
@@ -233,6 +236,17 @@ class _Reader:
                 result.append((path, fmt))
         return tuple(result)
 
+    def listen_address(self, key: str) -> tuple[str, int] | None:
+        """`[HOST:]PORT`, the host 127.0.0.1 when left out."""
+        value = self.values.get(key)
+        if value is None or value == "":
+            return None
+        host, _, port = str(value).rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            self.problems.append(f"{key}: {value!r} is not [HOST:]PORT (e.g. 127.0.0.1:9477)")
+            return None
+        return (host.strip("[]") or "127.0.0.1", int(port))
+
     def readable_file(self, key: str) -> Path | None:
         value = self.values.get(key)
         if value is None:
@@ -299,6 +313,7 @@ def validate(values: Mapping[str, object]) -> Settings:
     poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
     watch_defines = read.choice("watch_defines", WATCH_DEFINES)
     rescan_interval = read.seconds("rescan_interval", 1.0, 86400.0)
+    metrics_listen = read.listen_address("metrics_listen")
     spool_max_bytes = read.size("spool_max_bytes", MIN_SPOOL_BYTES)
     spool_full_policy = read.choice("spool_full_policy", SPOOL_FULL_POLICIES)
 
@@ -318,6 +333,7 @@ def validate(values: Mapping[str, object]) -> Settings:
         watches=watches,
         watch_defines=watch_defines,
         rescan_interval=rescan_interval,
+        metrics_listen=metrics_listen,
         spool_max_bytes=spool_max_bytes,
         spool_full_policy=spool_full_policy,
         **tls_files,

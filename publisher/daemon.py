@@ -10,6 +10,7 @@ broker thread publishes what is spooled.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -24,9 +25,10 @@ from publisher import __version__, schemas
 from publisher.broker import Broker, BrokerFatalError, Confirmed
 from publisher.config import Settings
 from publisher.driver import Driver, DriverError, Signal
-from publisher.drops import DropCounter, Tally
+from publisher.drops import DropCounter, Tally, signal_type
 from publisher.envelope import Envelope, OutgoingMessage, rfc3339
 from publisher.event import BackendChange, ConfigRejected, DomainFacts, JSONValue
+from publisher.metrics import Counters, MetricsServer
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
 from publisher.spool import DroppedRange, Spool, SpoolError, stored_size
@@ -72,6 +74,11 @@ class Daemon:
         self._queue_drops = DropCounter()
         self._next_drop_report = 0.0
         self._spool_drops: list[DroppedRange] = []
+        self._spool_dropped = 0
+        self.received: collections.Counter[tuple[str, str]] = collections.Counter()
+        """(backend, event type) to signals taken from the drivers; the daemon thread's."""
+        self._backend_up = {driver.backend: True for driver in drivers}
+        self._backend_reconnects = 0
         self.started = threading.Event()
         self.broker: Broker | None = None
         self._announce = threading.Event()
@@ -111,6 +118,14 @@ class Daemon:
             on_reconnected=self._announce.set,
             connection_name=f"virtpub {self.settings.host_id} pid {os.getpid()}",
         )
+        try:
+            metrics = self._serve_metrics(spool, broker)
+        except OSError as err:
+            log.error(
+                "metrics: cannot listen on %s:%d: %s", *self.settings.metrics_listen or (), err
+            )
+            spool.close()
+            return EXIT_FAILURE
         leftovers = spool.count()
         if leftovers:
             log.info("resending %d message(s) left in the spool", leftovers)
@@ -143,6 +158,8 @@ class Daemon:
             self._flush(spool, broker)
             drained = broker.drain(DRAIN_TIMEOUT_S)
             broker.stop()
+            if metrics is not None:
+                metrics.stop()
             left = spool.count()
             returned = spool.returned_count()
             spool.close()
@@ -180,6 +197,35 @@ class Daemon:
                 self._add_domain(tracker.settle(time.time()))
             self._commit(spool, broker)
             self._feed(spool, broker)
+
+    def _serve_metrics(self, spool: Spool, broker: Broker) -> MetricsServer | None:
+        address = self.settings.metrics_listen
+        if address is None:
+            return None
+        counters = Counters(
+            received=lambda: dict(self.received),
+            broker=broker.counts,
+            dropped=lambda: {"queue_full": self.dropped, "spool_full": self._spool_dropped},
+            spool=lambda: (spool.count(), spool.used_bytes),
+            backend_reconnects=lambda: self._backend_reconnects,
+            latency=broker.latency,
+        )
+        server = MetricsServer(address, counters, lambda: self._health(spool, broker))
+        server.start()
+        return server
+
+    def _health(self, spool: Spool, broker: Broker) -> dict[str, tuple[bool, str]]:
+        checks = {
+            f"backend {backend}": (up, "connected" if up else "disconnected")
+            for backend, up in dict(self._backend_up).items()
+        }
+        checks["broker"] = (
+            broker.ready,
+            "publishing" if broker.ready else "not connected, or blocked by a resource alarm",
+        )
+        room = self.settings.spool_max_bytes - spool.used_bytes
+        checks["spool"] = (room > 0, f"{spool.used_bytes} of {self.settings.spool_max_bytes} bytes")
+        return checks
 
     def _spool_full(self, spool: Spool) -> bool:
         """Under `block`, whether to stop taking signals; `drop-oldest` makes room instead."""
@@ -245,6 +291,7 @@ class Daemon:
                 span.last,
             )
         self._spool_drops = DroppedRange.merge([*self._spool_drops, *dropped])
+        self._spool_dropped += sum(span.count for span in dropped)
 
     def _dropped_data(
         self, reason: DropReason, tally: Tally, dropped: DroppedRange | None
@@ -273,6 +320,7 @@ class Daemon:
                 return
 
     def _handle(self, signal: Signal) -> None:
+        self.received[signal.backend, signal_type(signal)] += 1
         if isinstance(signal, BackendChange):
             self._backend_changed(signal)
             return
@@ -288,6 +336,8 @@ class Daemon:
 
     def _backend_changed(self, change: BackendChange) -> None:
         driver = self._drivers[change.backend]
+        self._backend_up[change.backend] = change.connected
+        self._backend_reconnects += change.connected
         data: dict[str, JSONValue] = {
             "backend": change.backend,
             "uri": redact_url(getattr(driver, "uri", change.backend)),

@@ -10,7 +10,7 @@ import functools
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
@@ -43,6 +43,9 @@ class OutgoingMessage:
     timestamp: int
     properties: bytes
     body: bytes
+    received_at: float = field(default=0.0, compare=False)
+    """When virtpub received the signal, for the latency metric; 0 when read back from the
+    spool (the spool does not keep it)."""
 
     def basic_properties(self) -> pika.spec.BasicProperties:
         """The properties as pika reads them (for tests and tools; publishing sends the bytes)."""
@@ -287,4 +290,5 @@ class Envelope:
             timestamp=timestamp,
             properties=encode_properties(message_id, timestamp, ce_type, headers),
             body=orjson.dumps(body),
+            received_at=received_at,
         )
