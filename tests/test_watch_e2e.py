@@ -241,13 +241,16 @@ def test_beside_a_real_libvirtd_one_define_is_one_defined(
     expected_status = "unsupported" if policy == "fallback" else "filesystem"
     assert files["events"]["defined"]["status"] == expected_status
     xml, dom_uuid = guest_xml()
-    dom = qemu.defineXML(xml)
-    assert Path(f"/etc/libvirt/qemu/{dom.name()}.xml").exists()
-    dom.undefine()
-    expected = 4 if policy == "fallback" else 8  # added/defined/undefined/removed, per source
 
     def ours(messages: list[Received]) -> list[Received]:
         return [m for m in messages if m.body.get("subject") == dom_uuid]
+
+    dom = qemu.defineXML(xml)
+    assert Path(f"/etc/libvirt/qemu/{dom.name()}.xml").exists()
+    consumer.collect(lambda m: len(ours(m)) >= 2)
+    consumer.quiet(1.0)  # the file's change settles (debounce) before the undefine
+    dom.undefine()
+    expected = 4 if policy == "fallback" else 8  # added/defined/undefined/removed, per source
 
     consumer.collect(lambda m: len(ours(m)) >= expected, timeout=30)
     consumer.quiet(1.5)
