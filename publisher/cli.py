@@ -18,6 +18,7 @@ from drivers.fallback import FallbackWatch
 from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
+from publisher.asyncapi import asyncapi_command
 from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
@@ -249,6 +250,7 @@ def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> N
 
 
 main.add_command(inventory_command)
+main.add_command(asyncapi_command)
 
 
 @main.command()

@@ -170,3 +170,10 @@ def test_fingerprint_ignores_only_the_version_key() -> None:
     retitled = {**document, "title": "something else"}
     assert schemas.fingerprint(bumped) == schemas.fingerprint(document)
     assert schemas.fingerprint(retitled) != schemas.fingerprint(document)
+
+
+def test_the_readme_lists_every_schema_at_its_version() -> None:
+    readme = (SCHEMA_DIR.parent / "README.md").read_text(encoding="utf-8")
+    for name in schemas.ALL:
+        row = f"| `{name}` | {schemas.info(name).version} |"
+        assert row in readme, f"README: update the schema table row for {name}"
