@@ -34,6 +34,7 @@ from publisher.config import Settings
 from publisher.envelope import APP_ID, EncodedProperties, OutgoingMessage
 from publisher.metrics import LatencyHistogram
 from publisher.redact import redact_url
+from publisher.requests import CapabilityResponder
 from publisher.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Broker:
         on_reconnected: Callable[[], None] | None = None,
         window: int = DEFAULT_WINDOW,
         connection_name: str = APP_ID,
+        responder: CapabilityResponder | None = None,
     ) -> None:
         self._settings = settings
         self._urls = settings.amqp_urls
@@ -120,6 +122,7 @@ class Broker:
         self._on_reconnected = on_reconnected
         self._connection_name = connection_name
         self._window = window
+        self._responder = responder
 
         self._lock = threading.Condition()
         self._outbound: collections.deque[OutgoingMessage] = collections.deque()
@@ -348,6 +351,8 @@ class Broker:
         if self._connected_before and self._on_reconnected is not None:
             self._on_reconnected()
         self._connected_before = True
+        if self._responder is not None:
+            self._responder.attach(self._connection)
         self._first_attempt_done.set()
         self._pump()
 

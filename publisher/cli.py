@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -18,8 +19,17 @@ from drivers.fallback import FallbackWatch
 from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
+from publisher.ask import AskError, ask
+from publisher.ask import table as capability_table
 from publisher.asyncapi import asyncapi_command
-from publisher.config import DEFAULTS, ConfigError, Settings, read_config_file, resolve
+from publisher.config import (
+    DEFAULTS,
+    ConfigError,
+    Settings,
+    amqp_url_problem,
+    read_config_file,
+    resolve,
+)
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
 from publisher.driver import Driver, DriverError
@@ -27,6 +37,8 @@ from publisher.envelope import OutgoingMessage
 from publisher.explain import explain as explain_backend
 from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
+from publisher.redact import redact_url
+from publisher.systemd import Notifier
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -187,7 +199,7 @@ def main() -> None:
       virtpub demo              watch events flow from libvirt's built-in test driver
       virtpub run               the daemon (see: virtpub run --help)
       virtpub inventory         every host's domains, rebuilt from the exchange alone
-      virtpub capabilities --explain   what this host's backends emit, and from where
+      virtpub capabilities      what every running publisher's backends emit, and from where
     """
 
 
@@ -257,7 +269,7 @@ main.add_command(asyncapi_command)
 @click.option(
     "--explain",
     is_flag=True,
-    help="Describe the backends of this host from their connections (no broker needed).",
+    help="Describe this host's backends from their libvirt connections (no broker needed).",
 )
 @click.option(
     "--libvirt-uri",
@@ -265,32 +277,93 @@ main.add_command(asyncapi_command)
     multiple=True,
     default=("qemu:///system",),
     show_default=True,
-    help="libvirt connection to describe; repeat for several.",
+    help="With --explain: a libvirt connection to describe; repeat for several.",
 )
 @click.option(
     "--poll-interval",
     type=click.FloatRange(min=0.1, max=3600),
     default=10.0,
     show_default=True,
-    help="The polling interval to report for event types that must be polled.",
+    help="With --explain: the polling interval to report for event types that are polled.",
 )
-def capabilities(explain: bool, libvirt_uris: tuple[str, ...], poll_interval: float) -> None:
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Ask this host's publisher; repeat for several. [default: every publisher]",
+)
+@click.option(
+    "--amqp-url",
+    envvar="VIRTPUB_AMQP_URL",
+    default=DEFAULTS["amqp_url"][0],  # type: ignore[index]
+    show_default=True,
+    help="The broker to ask through.",
+)
+@click.option(
+    "--exchange",
+    envvar="VIRTPUB_EXCHANGE",
+    default=DEFAULTS["exchange"],
+    show_default=True,
+    help="The publishers' exchange.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1, max=300),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for answers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the capabilities messages as JSON.")
+def capabilities(
+    *,
+    explain: bool,
+    libvirt_uris: tuple[str, ...],
+    poll_interval: float,
+    hosts: tuple[str, ...],
+    amqp_url: str,
+    exchange: str,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Which event types each backend provides, and where they come from.
 
-    For every event type: native (the libvirt driver emits it, per virtpub's map of
-    libvirt's drivers), derived (virtpub computes it), polled (virtpub lists the
-    domains every --poll-interval seconds to find it: one listing call each time),
-    filesystem (a watched config directory) or unsupported; with the basis of the
-    answer: map:<libvirt version>, or probe for drivers and versions the map does
-    not cover (libvirt accepts registrations for events a driver never sends).
+    By default, asks the running publishers over the broker (each answers with its
+    latest capabilities message, at any time) and prints event type by host:
+    native (the libvirt driver emits it, per virtpub's map of libvirt's drivers),
+    derived (virtpub computes it), polled (virtpub lists the domains every poll
+    interval: one listing call each time), files (a watched config directory) or
+    - (unsupported). With --explain, describes this host's connections instead,
+    with the basis of each answer: map:<libvirt version>, or probe for drivers
+    and versions the map does not cover.
 
-    Exit codes: 0 described, 1 a connection could not be opened, 2 bad usage.
+    Exit codes: 0 answered, 1 nothing answered or a connection failed, 2 bad usage.
     """
-    if not explain:
-        raise click.UsageError(
-            "asking running publishers over the broker is not available yet;"
-            " use --explain to describe this host's connections"
-        )
+    if explain:
+        sys.exit(_explain(libvirt_uris, poll_interval))
+    problem = amqp_url_problem(amqp_url)
+    if problem:
+        raise click.UsageError(f"--amqp-url {redact_url(amqp_url)!r} {problem}")
+    try:
+        answers = ask(amqp_url, exchange, hosts, timeout)
+    except AskError as err:
+        click.echo(f"virtpub: {err}", err=True)
+        sys.exit(EXIT_FAILURE)
+    missing = sorted(set(hosts) - {a["data"]["host_id"] for a in answers})
+    for host in missing:
+        click.echo(f"virtpub: no answer from host {host!r} within {timeout:g} s", err=True)
+    if not answers:
+        if not hosts:
+            click.echo(f"virtpub: no publisher answered within {timeout:g} s", err=True)
+        sys.exit(EXIT_FAILURE)
+    if as_json:
+        for answer in answers:
+            click.echo(json.dumps(answer, sort_keys=True))
+    else:
+        click.echo(capability_table(answers))
+    sys.exit(EXIT_FAILURE if missing else 0)
+
+
+def _explain(libvirt_uris: tuple[str, ...], poll_interval: float) -> int:
     setup_logging("warning", "text")
     failed = False
     for uri in libvirt_uris:
@@ -303,7 +376,7 @@ def capabilities(explain: bool, libvirt_uris: tuple[str, ...], poll_interval: fl
             failed = True
         finally:
             driver.stop()
-    sys.exit(EXIT_FAILURE if failed else 0)
+    return EXIT_FAILURE if failed else 0
 
 
 def make_drivers(settings: Settings) -> list[Driver]:
@@ -337,7 +410,9 @@ def _serve(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     drivers = make_drivers(settings)
-    daemon = Daemon(settings, drivers, on_confirmed=on_confirmed)
+    daemon = Daemon(
+        settings, drivers, on_confirmed=on_confirmed, notifier=Notifier.from_environment()
+    )
     if workload is not None:
         workload(daemon, stop).start()
     return daemon.run(stop)

@@ -31,7 +31,9 @@ from publisher.event import BackendChange, ConfigRejected, DomainFacts, JSONValu
 from publisher.metrics import Counters, MetricsServer
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
+from publisher.requests import CapabilityResponder
 from publisher.spool import DroppedRange, Spool, SpoolError, stored_size
+from publisher.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,13 @@ class Daemon:
         settings: Settings,
         drivers: Sequence[Driver],
         on_confirmed: Confirmed | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.drivers = drivers
         self._drivers = {driver.backend: driver for driver in drivers}
         self._on_confirmed = on_confirmed
+        self._notifier = notifier if notifier is not None else Notifier(None)
         self._inbox: queue.Queue[Signal] = queue.Queue(maxsize=INBOX_LIMIT)
         self._envelope = Envelope(settings.host_id)
         self._sequence = 0
@@ -111,9 +115,11 @@ class Daemon:
         self._sequence = spool.last_sequence()
         known = spool.domains()
         self._trackers = {b: Tracker(b, known.get(b)) for b in self._drivers}
+        self._responder = CapabilityResponder(self.settings.exchange, self.settings.host_id)
         broker = self.broker = Broker(
             self.settings,
             spool,
+            responder=self._responder,
             on_confirmed=self._on_confirmed,
             on_reconnected=self._announce.set,
             connection_name=f"virtpub {self.settings.host_id} pid {os.getpid()}",
@@ -148,11 +154,13 @@ class Daemon:
                     self._resync(driver, "startup", listing)
             self._commit(spool, broker)
             self.started.set()
+            self._notifier.ready(f"publishing to exchange {self.settings.exchange!r}")
             self._loop(stop, spool, broker)
         except (BrokerFatalError, DriverError, SpoolError) as err:
             log.error("%s", err)
             return EXIT_FAILURE
         finally:
+            self._notifier.stopping()
             for driver in started:
                 driver.stop()
             self._flush(spool, broker)
@@ -197,6 +205,7 @@ class Daemon:
                 self._add_domain(tracker.settle(time.time()))
             self._commit(spool, broker)
             self._feed(spool, broker)
+            self._notifier.watchdog()  # only from a loop that still turns
 
     def _serve_metrics(self, spool: Spool, broker: Broker) -> MetricsServer | None:
         address = self.settings.metrics_listen
@@ -431,6 +440,7 @@ class Daemon:
             "backends": [driver.capabilities().to_json() for driver in self.drivers],
         }
         self._add_publisher("capabilities", data, time.time())
+        self._responder.answer = self._pending[-1].body
 
     def _commit(self, spool: Spool, broker: Broker) -> None:
         """Spools the pending messages with the domain records they lead to, in one transaction."""

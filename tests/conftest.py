@@ -85,6 +85,7 @@ def exchange(amqp_url: str) -> Iterator[str]:
     channel = connection.channel()
     channel.exchange_delete(name)
     channel.exchange_delete(f"{name}.unroutable")
+    channel.exchange_delete(f"{name}.requests")
     channel.queue_delete(f"{name}.unroutable")
     connection.close()
 

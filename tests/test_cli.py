@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -11,11 +12,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from publisher.config import sanitize_host_id
-from tests.conftest import Consumer
+from tests.conftest import HOST_ID, Consumer
 
 VIRTPUB = [sys.executable, "-m", "publisher"]
 
@@ -222,7 +224,35 @@ def test_capabilities_explain_of_a_bad_uri_is_one_line_and_exit_1() -> None:
     ]
 
 
-def test_capabilities_without_explain_is_a_usage_error() -> None:
-    result = virtpub("capabilities")
-    assert result.returncode == 2
-    assert "use --explain" in result.stderr
+def test_capabilities_asks_the_running_publishers(
+    amqp_url: str, exchange: str, publisher_factory: Callable[..., Any]
+) -> None:
+    publisher_factory()  # test:///default, host id HOST_ID
+    asked = ["capabilities", "--amqp-url", amqp_url, "--exchange", exchange, "--timeout", "5"]
+    result = virtpub(*asked, "--host", HOST_ID)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["event", "type", f"{HOST_ID}/libvirt"]
+    cells = {row.split()[0]: row.split()[1] for row in rows}
+    assert (cells["started"], cells["added"], cells["crashed"], cells["reboot"]) == (
+        "native", "derived", "polled", "-",
+    )  # fmt: skip
+    everyone = virtpub(*asked, "--timeout", "1.5", "--json")
+    assert everyone.returncode == 0, everyone.stderr
+    (answer,) = [json.loads(line) for line in everyone.stdout.splitlines()]
+    assert answer["type"] == "org.virtpub.publisher.capabilities"
+    assert answer["data"]["host_id"] == HOST_ID
+    absent = virtpub(*asked, "--host", "nosuchhost", "--timeout", "1")
+    assert absent.returncode == 1
+    assert absent.stderr.splitlines() == ["virtpub: no answer from host 'nosuchhost' within 1 s"]
+
+
+def test_capabilities_without_any_publisher_is_one_line_and_exit_1(
+    amqp_url: str, exchange: str
+) -> None:
+    result = virtpub("capabilities", "--amqp-url", amqp_url, "--exchange", exchange)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"virtpub: no publisher has ever served requests on exchange {exchange!r}"
+        f" ({exchange}.requests does not exist)"
+    ]
