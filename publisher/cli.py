@@ -19,6 +19,7 @@ from drivers.fallback import FallbackWatch
 from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
+from publisher.archive import archive_group
 from publisher.ask import AskError, ask
 from publisher.ask import table as capability_table
 from publisher.asyncapi import asyncapi_command
@@ -39,6 +40,7 @@ from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
 from publisher.redact import redact_url
 from publisher.systemd import Notifier
+from publisher.tail import tail_command
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -200,6 +202,8 @@ def main() -> None:
       virtpub run               the daemon (see: virtpub run --help)
       virtpub inventory         every host's domains, rebuilt from the exchange alone
       virtpub capabilities      what every running publisher's backends emit, and from where
+      virtpub tail              watch the exchange live, one line per event
+      virtpub archive           an audit archive of everything, with a gap check
     """
 
 
@@ -263,6 +267,8 @@ def demo(config_path: Path | None, cycles: int, pause: float, **flags: Any) -> N
 
 main.add_command(inventory_command)
 main.add_command(asyncapi_command)
+main.add_command(tail_command)
+main.add_command(archive_group)
 
 
 @main.command()

@@ -17,13 +17,11 @@ import collections
 import contextlib
 import dataclasses
 import json
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import click
@@ -31,6 +29,7 @@ import pika
 import pika.exceptions
 
 from publisher.redact import redact_url
+from publisher.tail import reason, stop_on_signals
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_EXCHANGE = "virt.events"
@@ -392,7 +391,7 @@ def consume(
                 on_change(inventory)
                 notified, notified_at = inventory.changes, time.monotonic()
     except pika.exceptions.AMQPError as err:
-        raise InventoryError(f"lost the broker at {where}: {_reason(err)}") from None
+        raise InventoryError(f"lost the broker at {where}: {reason(err)}") from None
     finally:
         with contextlib.suppress(pika.exceptions.AMQPError):
             if connection.is_open:
@@ -406,11 +405,9 @@ def _connect(parameters: pika.URLParameters, where: str) -> Any:
     except pika.exceptions.ProbableAuthenticationError:
         raise InventoryError(f"the broker at {where} refused the credentials") from None
     except pika.exceptions.ProbableAccessDeniedError as err:
-        raise InventoryError(f"the broker at {where} denied access: {_reason(err)}") from None
+        raise InventoryError(f"the broker at {where} denied access: {reason(err)}") from None
     except pika.exceptions.AMQPConnectionError as err:
-        raise BrokerUnreachableError(
-            f"cannot reach the broker at {where}: {_reason(err)}"
-        ) from None
+        raise BrokerUnreachableError(f"cannot reach the broker at {where}: {reason(err)}") from None
 
 
 def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> str:
@@ -439,28 +436,7 @@ def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> s
         ) from None
 
 
-def _reason(err: BaseException) -> str:
-    """One line; pika's connection errors wrap an exception whose str() is empty."""
-    parts = [str(arg) or repr(arg) for arg in err.args] or [type(err).__name__]
-    return " ".join(" ".join(parts).split())
-
-
 # -- command line ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM end the command cleanly (a table, exit 0), not with a traceback."""
-
-    def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @click.command("inventory")
@@ -530,7 +506,7 @@ def inventory_command(
             click.echo(render_table(inventory))
 
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop):
             inventory = _consume_any(
                 amqp_urls,
                 exchange,
