@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 100_000
 BATCH_LIMIT = 500
-BROKER_BACKLOG = 5_000
+BROKER_BACKLOG = 2_000
 """Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
 DROP_REPORT_INTERVAL_S = 1.0
 """At most one publisher.dropped (and the snapshot after it) per interval under sustained loss."""
