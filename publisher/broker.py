@@ -320,28 +320,66 @@ class Broker:
         self._next_tag = 0
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
+        connection = self._connection
+
+        def confirm_mode() -> None:
+            if channel is self._channel and channel.is_open:
+                channel.confirm_delivery(
+                    ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode
+                )
+
         channel.exchange_declare(
             exchange=self._unroutable,
             exchange_type="fanout",
             durable=True,
-            callback=lambda _f: channel.queue_declare(
-                queue=self._unroutable, durable=True, callback=self._on_unroutable_queue
-            ),
-        )
-
-    def _on_unroutable_queue(self, _frame: Any) -> None:
-        channel = self._channel
-        channel.queue_bind(
-            queue=self._unroutable,
-            exchange=self._unroutable,
             callback=lambda _f: channel.exchange_declare(
                 exchange=self._exchange,
                 exchange_type="topic",
                 durable=True,
                 arguments={"alternate-exchange": self._unroutable},
-                callback=lambda _f2: channel.confirm_delivery(
-                    ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode
+                callback=lambda _f2: connection.channel(
+                    on_open_callback=lambda c: self._declare_unroutable_queue(c, confirm_mode)
                 ),
+            ),
+        )
+
+    def _declare_unroutable_queue(self, channel: Any, then: Callable[[], None]) -> None:
+        """The alternate exchange's queue, on a channel of its own: publishing never waits
+        for it, nor fails with it.
+
+        A quorum queue, so it survives the loss of a cluster node (a classic queue is
+        unreachable while its home node is down, and could not even be declared again).
+        Where it exists already with other settings (a classic queue from an older setup),
+        the broker refuses the declaration: it is kept as it is. While it is missing,
+        unroutable messages come back as returns and are kept in the spool.
+        """
+
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                then()
+
+        def closed(_channel: Any, reason: BaseException) -> None:
+            code = getattr(reason, "reply_code", None)
+            if code not in (None, 200, 320):
+                log.warning("alternate-exchange queue %r not declared: %s", self._unroutable,
+                            _one_line(reason))  # fmt: skip
+            finish()
+
+        def bound(_frame: Any) -> None:
+            finish()
+            channel.close()
+
+        channel.add_on_close_callback(closed)
+        channel.queue_declare(
+            queue=self._unroutable,
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+            callback=lambda _f: channel.queue_bind(
+                queue=self._unroutable, exchange=self._unroutable, callback=bound
             ),
         )
 
@@ -408,7 +446,8 @@ class Broker:
         tag, multiple = method.delivery_tag, method.multiple
         in_flight = self._in_flight
         if not isinstance(method, pika.spec.Basic.Ack):
-            self._on_nack(sum(t <= tag if multiple else t == tag for t, _ in in_flight))
+            if self._session_ready:  # later nacks of a channel being closed count no more
+                self._on_nack(sum(t <= tag if multiple else t == tag for t, _ in in_flight))
             return
         messages: list[OutgoingMessage] = []
         if multiple:

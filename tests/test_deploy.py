@@ -169,6 +169,7 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "requests are not served" not in stderr
+    assert "not declared" not in stderr  # the definitions match what virtpub declares
     take_all()
     consumer.close()
 
