@@ -1,6 +1,6 @@
 """Wiring: drivers hand signals to a queue; one thread turns them into messages and spools them.
 
-Driver callbacks run on foreign threads and only `put_nowait` onto a bounded
+Driver callbacks run on foreign threads and only `offer` to a bounded
 queue. The daemon thread is the single owner of the sequence counter, the
 domain trackers and the spool writes, so message order is the order signals
 were accepted. It alone talks to a backend outside callbacks: listings for the
@@ -11,10 +11,8 @@ broker thread publishes what is spooled.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -28,6 +26,7 @@ from publisher.driver import Driver, DriverError, Signal
 from publisher.drops import DropCounter, Tally, signal_type
 from publisher.envelope import Envelope, OutgoingMessage, rfc3339
 from publisher.event import BackendChange, ConfigRejected, DomainFacts, JSONValue
+from publisher.inbox import Inbox
 from publisher.metrics import Counters, MetricsServer
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
@@ -41,6 +40,8 @@ INBOX_LIMIT = 100_000
 BATCH_LIMIT = 500
 BROKER_BACKLOG = 2_000
 """Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
+READY_LIMIT = 2_000
+"""Messages just spooled and kept in memory for the broker, beyond BROKER_BACKLOG."""
 DROP_REPORT_INTERVAL_S = 1.0
 """At most one publisher.dropped (and the snapshot after it) per interval under sustained loss."""
 FIRST_CONNECT_WAIT_S = 10.0
@@ -67,7 +68,9 @@ class Daemon:
         self._drivers = {driver.backend: driver for driver in drivers}
         self._on_confirmed = on_confirmed
         self._notifier = notifier if notifier is not None else Notifier(None)
-        self._inbox: queue.Queue[Signal] = queue.Queue(maxsize=INBOX_LIMIT)
+        self._inbox: Inbox[Signal] = Inbox(INBOX_LIMIT)
+        self._ready: collections.deque[OutgoingMessage] = collections.deque()
+        """Spooled messages not yet handed to the broker, kept so they need not be read back."""
         self._envelope = Envelope(settings.host_id)
         self._sequence = 0
         self._handed = 0
@@ -90,9 +93,7 @@ class Daemon:
 
     def accept(self, signal: Signal) -> None:
         """The `emit` of every driver: runs on foreign threads, never blocks, never raises."""
-        try:
-            self._inbox.put_nowait(signal)
-        except queue.Full:
+        if not self._inbox.offer(signal):
             try:
                 total = self._queue_drops.add(signal)
                 if total == 1 or total % 1000 == 0:
@@ -198,8 +199,9 @@ class Daemon:
                 self._report_drops(spool)
                 self._poll_due(time.monotonic())
                 behind = self._handed < self._sequence
-                with contextlib.suppress(queue.Empty):
-                    self._handle(self._inbox.get(timeout=0.01 if behind else 0.2))
+                signal = self._inbox.take(timeout=0.01 if behind else 0.2)
+                if signal is not None:
+                    self._handle(signal)
                 self._take_queued(BATCH_LIMIT)
             for tracker in self._trackers.values():
                 self._add_domain(tracker.settle(time.time()))
@@ -291,6 +293,7 @@ class Daemon:
         unsent = broker.withdraw()
         if unsent is not None:
             self._handed = unsent - 1
+        self._ready.clear()  # some of it may be dropped now
         dropped = spool.drop_oldest(self._handed, excess)
         for span in dropped:
             log.error(
@@ -323,10 +326,10 @@ class Daemon:
     def _take_queued(self, limit: int) -> None:
         """Handles what is already queued, up to `limit` messages: one spool commit for all."""
         while len(self._pending) < limit:
-            try:
-                self._handle(self._inbox.get_nowait())
-            except queue.Empty:
+            signal = self._inbox.take_nowait()
+            if signal is None:
                 return
+            self._handle(signal)
 
     def _handle(self, signal: Signal) -> None:
         self.received[signal.backend, signal_type(signal)] += 1
@@ -458,14 +461,23 @@ class Daemon:
         """Hands the broker what the spool holds and it has not seen, while it has room.
 
         The spool is the buffer: in a burst or an outage memory holds at most
-        BROKER_BACKLOG messages, the rest waits on disk and is read back in order.
+        BROKER_BACKLOG messages for the broker and READY_LIMIT just spooled (so the
+        common case reads nothing back); the rest waits on disk and is read back in order.
         """
+        ready = self._ready
+        if fresh:
+            last = ready[-1].sequence if ready else self._handed
+            if fresh[0].sequence == last + 1 and len(ready) + len(fresh) <= READY_LIMIT:
+                ready.extend(fresh)
+            else:
+                ready.clear()  # read back from the spool instead
         room = BROKER_BACKLOG - broker.unconfirmed()
         if room <= 0 or self._handed >= self._sequence:
             return
-        if fresh and fresh[0].sequence == self._handed + 1 and len(fresh) <= room:
-            batch = fresh  # the common case: just spooled, next in line
+        if ready and ready[0].sequence == self._handed + 1:
+            batch = [ready.popleft() for _ in range(min(room, len(ready)))]
         else:
+            ready.clear()
             batch = spool.after(self._handed, room)
         if batch:
             broker.submit(batch)

@@ -21,8 +21,7 @@ whether the domain exists and how; resync and polling hand it whole listings.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from publisher.event import DomainEvent, DomainFacts, DomainRef, DomainState
 
@@ -41,8 +40,10 @@ a listing can show a domain gone while its `stopped` or `undefined` is still on
 its way. Ending it at once would make those late events announce it again."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """What virtpub last published about a domain. (Named tuples, here and below: one is
+    built for every event, and a frozen dataclass's `__init__` costs several times more.)"""
+
     name: str
     persistent: bool
     state: DomainState
@@ -50,8 +51,7 @@ class Record:
     """The per-domain sequence number of the last message published for this domain."""
 
 
-@dataclass(frozen=True, slots=True)
-class Publication:
+class Publication(NamedTuple):
     """An event ready for the envelope, with the domain's situation after it."""
 
     event: DomainEvent
@@ -197,7 +197,7 @@ class Tracker:
         """Takes the listing's exact state reason, which transitions may not have carried."""
         record = self.records[facts.uuid]
         if record.state != facts.state:
-            self.records[facts.uuid] = replace(record, state=facts.state)
+            self.records[facts.uuid] = record._replace(state=facts.state)
             self._dirty.add(facts.uuid)
 
     def _added_from_listing(

@@ -100,5 +100,5 @@ class CapabilityResponder:
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
         self._channel = None
         code = getattr(reason, "reply_code", None)
-        if code not in (None, 200, 320):  # not a normal close or the connection's
+        if code not in (None, 0, 200, 320):  # not a normal close, nor the connection's
             log.warning("capabilities requests are not served: %s", reason)
