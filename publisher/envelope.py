@@ -19,7 +19,7 @@ import pika.data
 import pika.spec
 
 from publisher import schemas
-from publisher.event import ConfigRejected, JSONValue
+from publisher.event import Codes, ConfigRejected, DomainState, JSONValue
 from publisher.model import Publication
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -73,11 +73,13 @@ def _short_string(value: str) -> bytes:
     return bytes([len(encoded)]) + encoded
 
 
-@functools.lru_cache(maxsize=4096)
-def _encoded_headers(items: tuple[tuple[str, str], ...]) -> bytes:
-    pieces: list[bytes] = []
-    pika.data.encode_table(pieces, dict(items))
-    return b"".join(pieces)
+def _properties_around(message_type: str, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """What comes before the message id and after the timestamp: the same for every message
+    of one kind, so computed once per kind."""
+    table: list[bytes] = []
+    pika.data.encode_table(table, dict(headers))
+    head = b"".join((_FLAGS, _short_string(CONTENT_TYPE), *table, _PERSISTENT))
+    return head, _short_string(message_type) + _short_string(APP_ID)
 
 
 def encode_properties(
@@ -85,18 +87,42 @@ def encode_properties(
 ) -> bytes:
     """AMQP basic properties in wire order: content type, headers, delivery mode 2 (persistent),
     message id, timestamp, type and app id (AMQP 0-9-1, section 4.2.6.1)."""
-    return b"".join(
-        (
-            _FLAGS,
-            _short_string(CONTENT_TYPE),
-            _encoded_headers(tuple(headers.items())),
-            _PERSISTENT,
-            _short_string(message_id),
-            struct.pack(">Q", timestamp),
-            _short_string(message_type),
-            _short_string(APP_ID),
-        )
-    )
+    head, tail = _properties_around(message_type, headers)
+    return _properties(head, message_id, timestamp, tail)
+
+
+def _properties(head: bytes, message_id: str, timestamp: int, tail: bytes) -> bytes:
+    return b"".join((head, _short_string(message_id), struct.pack(">Q", timestamp), tail))
+
+
+class _Kind(NamedTuple):
+    """Everything of a message that follows from its schema, entity, event and detail."""
+
+    ce_type: str
+    routing_key: str
+    properties_head: bytes
+    properties_tail: bytes
+
+
+@functools.lru_cache(maxsize=1024)
+def _state_json(state: DomainState) -> dict[str, JSONValue]:
+    """Shared between messages (orjson only reads it): states repeat, dicts cost."""
+    return {
+        "state": state.state,
+        "reason": state.reason,
+        "state_code": state.state_code,
+        "reason_code": state.reason_code,
+    }
+
+
+@functools.lru_cache(maxsize=1024)
+def _codes_json(codes: Codes) -> dict[str, JSONValue]:
+    result: dict[str, JSONValue] = {"event_id": codes.event_id}
+    if codes.event is not None:
+        result["event"] = codes.event
+    if codes.detail is not None:
+        result["detail"] = codes.detail
+    return result
 
 
 _PUBLISH = struct.pack(">HHH", 60, 40, 0)  # basic.publish, reserved ticket
@@ -193,6 +219,7 @@ class Envelope:
         self.host_id = host_id
         self.publisher_source = f"virtpub://{host_id}/publisher"
         self._ids = MessageIds()
+        self._kinds: dict[tuple[str, str, str, str | None], _Kind] = {}
 
     def domain_event(self, publication: Publication, sequence: int) -> OutgoingMessage:
         event = publication.event
@@ -206,22 +233,12 @@ class Envelope:
             "detail": event.detail,
             "origin": event.origin,
             "persistent": publication.persistent,
-            "state": {
-                "state": state.state,
-                "reason": state.reason,
-                "state_code": state.state_code,
-                "reason_code": state.reason_code,
-            },
+            "state": _state_json(state),
             "seq": publication.seq,
             "info": dict(event.info),
         }
         if event.codes is not None:
-            codes: dict[str, JSONValue] = {"event_id": event.codes.event_id}
-            if event.codes.event is not None:
-                codes["event"] = event.codes.event
-            if event.codes.detail is not None:
-                codes["detail"] = event.codes.detail
-            data["codes"] = codes
+            data["codes"] = _codes_json(event.codes)
         if publication.rename is not None:
             data["rename"] = {"old_name": publication.rename[0], "new_name": publication.rename[1]}
         return self._message(
@@ -289,7 +306,8 @@ class Envelope:
         received_at: float,
     ) -> OutgoingMessage:
         message_id = self._ids.next()
-        ce_type = f"{TYPE_PREFIX}{entity}.{event}"
+        kind = self._kind(schema, entity, event, detail)
+        ce_type = kind.ce_type
         body = {
             "specversion": "1.0",
             "id": message_id,
@@ -302,23 +320,37 @@ class Envelope:
             "sequence": sequence,
             "data": data,
         }
-        headers = {
-            "host_id": self.host_id,
-            "entity": entity,
-            "event": event,
-            "schema": schema.name,
-            "schema_version": schema.version,
-        }
-        if detail:
-            headers["detail"] = detail
         timestamp = int(received_at)
         return OutgoingMessage(
             sequence=sequence,
             id=message_id,
-            routing_key=routing_key(schema.major, self.host_id, entity, event, detail),
+            routing_key=kind.routing_key,
             type=ce_type,
             timestamp=timestamp,
-            properties=encode_properties(message_id, timestamp, ce_type, headers),
+            properties=_properties(
+                kind.properties_head, message_id, timestamp, kind.properties_tail
+            ),
             body=orjson.dumps(body),
             received_at=received_at,
         )
+
+    def _kind(
+        self, schema: schemas.SchemaInfo, entity: str, event: str, detail: str | None
+    ) -> _Kind:
+        key = (schema.name, entity, event, detail)
+        kind = self._kinds.get(key)
+        if kind is None:
+            ce_type = f"{TYPE_PREFIX}{entity}.{event}"
+            headers = {
+                "host_id": self.host_id,
+                "entity": entity,
+                "event": event,
+                "schema": schema.name,
+                "schema_version": schema.version,
+            }
+            if detail:
+                headers["detail"] = detail
+            head, tail = _properties_around(ce_type, headers)
+            route = routing_key(schema.major, self.host_id, entity, event, detail)
+            kind = self._kinds[key] = _Kind(ce_type, route, head, tail)
+        return kind

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TypeAlias
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+_NO_INFO: Mapping[str, JSONValue] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,8 @@ class DomainEvent:
     state: DomainState | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+        info = MappingProxyType(dict(self.info)) if self.info else _NO_INFO
+        object.__setattr__(self, "info", info)
 
 
 @dataclass(frozen=True, slots=True)
