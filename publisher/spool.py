@@ -234,16 +234,17 @@ class Spool:
                     [(backend, uuid) for uuid in removed],
                 )
             self._db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", map(_row, messages)
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (m[:7] for m in messages)
             )
             self._db.execute(
                 "INSERT INTO meta VALUES ('sequence', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (messages[-1].sequence,),
             )
+            freed = self._forget_confirmed()
         size = sum(map(stored_size, messages))
         with self._lock:
-            self._bytes += size
+            self._bytes += size - freed
 
     def drop_oldest(self, after: int, need: int) -> list[DroppedRange]:
         """Deletes the oldest messages following `after` until `need` bytes are free.
@@ -319,41 +320,57 @@ class Spool:
     def _delete_confirmed(self) -> None:
         with self._janitor_lock:
             self._delete_batch()
+            with self._lock:
+                due, self._deleted = self._deleted >= self.CHECKPOINT_EVERY, self._deleted
+                if due:
+                    self._deleted = 0
+            if due:
+                # On a connection of its own, without the lock: a checkpoint fsyncs the
+                # database, and appends must not wait for that.
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _delete_batch(self) -> None:
-        with self._confirmed_lock:
-            batch, self._confirmed = self._confirmed, []
-            returned, self._returned = self._returned, []
-        if not batch and not returned:
+        """For when no append comes to take the confirmations along."""
+        if not self._confirmed and not self._returned:
             return
         try:
             with self._lock:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
                     self._db.execute("BEGIN")
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(*_row(m), code, text, at) for m, code, text, at in returned],
-                    )
-                    self._db.executemany(
-                        "DELETE FROM messages WHERE sequence BETWEEN ? AND ?",
-                        _ranges(sorted(s for s, _ in batch)),
-                    )
+                    freed = self._forget_confirmed()
                     self._db.execute("COMMIT")
-                    self._bytes -= sum(size for _, size in batch)
+                    self._bytes -= freed
                 finally:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     self._db.execute("PRAGMA synchronous=FULL")
-            self._deleted += len(batch)
-            if self._deleted >= self.CHECKPOINT_EVERY:
-                self._deleted = 0
-                # On a connection of its own, without the lock: a checkpoint fsyncs the
-                # database, and appends must not wait for that.
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as err:
             # Kept rows are only resent (same ids) at the next start.
-            log.error("spool: could not delete %d confirmed message(s): %s", len(batch), err)
+            log.error("spool: could not delete confirmed messages: %s", err)
+
+    def _forget_confirmed(self) -> int:
+        """In the caller's transaction: keeps what the broker returned, deletes what it
+        confirmed, and says how many bytes that frees once committed.
+
+        Appends call it too, so that in a burst confirmations cost no transaction of
+        their own; returned copies are stored first, in the same transaction.
+        """
+        with self._confirmed_lock:
+            batch, self._confirmed = self._confirmed, []
+            returned, self._returned = self._returned, []
+        if returned:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*m[:7], code, text, at) for m, code, text, at in returned],
+            )
+        if batch:
+            self._db.executemany(
+                "DELETE FROM messages WHERE sequence BETWEEN ? AND ?",
+                _ranges(sorted(s for s, _ in batch)),
+            )
+        self._deleted += len(batch)
+        return sum(size for _, size in batch)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -394,14 +411,6 @@ class Spool:
         with self._lock:
             self._checkpointer.close()
             self._db.close()
-
-
-_Row = tuple[int, str, str, str, int, bytes, bytes]
-
-
-def _row(message: OutgoingMessage) -> _Row:
-    m = message
-    return (m.sequence, m.id, m.routing_key, m.type, m.timestamp, m.properties, m.body)
 
 
 def _message(row: Sequence[Any]) -> OutgoingMessage:

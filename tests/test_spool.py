@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,22 @@ def test_returned_messages_are_kept_after_their_ack_deletes_them(spool: Spool) -
     [(kept, code, text)] = spool.returned()
     assert (kept, code, text) == (batch[1], 312, "NO_ROUTE")
     assert spool.returned_count() == 1
+
+
+def test_an_append_takes_the_confirmations_along_in_its_own_transaction(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """In a burst, confirmations cost no transaction of their own: the next append deletes
+    them (the janitor waits 20 ms to gather; the append comes first)."""
+    first = [message(n) for n in range(1, 6)]
+    second = [message(n) for n in range(6, 9)]
+    spool.append(first)
+    spool.keep_returned(first[0], 312, "NO_ROUTE")
+    spool.remove(first)
+    spool.append(second)
+    with sqlite3.connect(f"file:{tmp_path / 'spool.sqlite3'}?mode=ro", uri=True) as db:
+        left = [row[0] for row in db.execute("SELECT sequence FROM messages ORDER BY 1")]
+        kept = [row[0] for row in db.execute("SELECT sequence FROM returned")]
+    assert left == [6, 7, 8]
+    assert kept == [1]
+    assert spool.used_bytes == sum(map(stored_size, second))
