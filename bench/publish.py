@@ -205,7 +205,8 @@ def virtpub(url: str, count: int, latency_seconds: float) -> dict[str, Any]:
         driver = SyntheticDriver("synthetic:///", "bench", SyntheticOptions(domains=100))
         daemon = Daemon(settings, [driver], on_confirmed=on_confirmed)
         stop = threading.Event()
-        runner = threading.Thread(target=daemon.run, args=(stop,))
+        # A daemon thread: a run that fails (a timeout below) must still end the process.
+        runner = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
         runner.start()
         daemon.started.wait(30)
         _wait_for(lambda: daemon.broker is not None and daemon.broker.unconfirmed() == 0)
