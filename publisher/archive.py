@@ -21,7 +21,6 @@ day's archive.
 from __future__ import annotations
 
 import base64
-import contextlib
 import fcntl
 import gzip
 import itertools
@@ -39,16 +38,13 @@ from typing import Any
 
 import click
 import orjson
-import pika
-import pika.exceptions
 
 from publisher.tail import (
     BrokerError,
     amqp_options,
     check_exchange,
-    connect_any,
     on_cancel_raise,
-    reason,
+    session,
     stop_on_signals,
 )
 
@@ -268,7 +264,6 @@ def run_archiver(
 
     Raises BrokerError and ArchiveError.
     """
-    connection, where = connect_any(urls)
     pending: list[tuple[str, bytes]] = []
     last_tag = 0
     opened_at = 0.0
@@ -280,7 +275,7 @@ def run_archiver(
         pending.append((method.routing_key, body))
         last_tag = method.delivery_tag
 
-    try:
+    with session(urls) as (connection, where):
         channel = connection.channel()
         check_exchange(channel, exchange, where)
         channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
@@ -301,14 +296,6 @@ def run_archiver(
         if pending:
             writer.write(pending)
             channel.basic_ack(last_tag, multiple=True)
-    except pika.exceptions.ChannelClosedByBroker as err:
-        raise BrokerError(f"the broker at {where} refused: {err.reply_text}") from None
-    except pika.exceptions.AMQPError as err:
-        raise BrokerError(f"lost the broker at {where}: {reason(err)}") from None
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            if connection.is_open:
-                connection.close()
 
 
 # -- verifying ---------------------------------------------------------------------------------

@@ -29,10 +29,8 @@ import pika
 import pika.exceptions
 
 from publisher.redact import redact_url
-from publisher.tail import reason, stop_on_signals
+from publisher.tail import amqp_options, reason, stop_on_signals
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
-DEFAULT_EXCHANGE = "virt.events"
 BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#")
 ROUTING_KEY_PREFIX = "v1"
 
@@ -440,26 +438,11 @@ def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> s
 
 
 @click.command("inventory")
-@click.option(
-    "--amqp-url",
-    "amqp_urls",
-    multiple=True,
-    default=(DEFAULT_AMQP_URL,),
-    show_default=True,
-    envvar="VIRTPUB_AMQP_URL",
-    help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
-    " VIRTPUB_AMQP_URL may hold several, separated by spaces.",
-)
-@click.option(
-    "--exchange",
-    default=DEFAULT_EXCHANGE,
-    show_default=True,
-    help="The publishers' topic exchange (not used with --queue).",
-)
+@amqp_options
 @click.option(
     "--queue",
-    help="Read this existing queue instead of a temporary one. Messages are removed from it"
-    " as they are applied, so give the inventory a queue of its own.",
+    help="Read this existing queue instead of a temporary one bound to --exchange. Messages"
+    " are removed from it as they are applied, so give the inventory a queue of its own.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (one object per line with --watch)."

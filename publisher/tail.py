@@ -287,14 +287,13 @@ def follow(
 
     Raises BrokerError.
     """
-    connection, where = connect_any(urls)
 
     def deliver(channel: Any, method: Any, _properties: Any, body: bytes) -> None:
         if not stop.is_set():
             on_message(method.routing_key, body)
         channel.basic_ack(method.delivery_tag)
 
-    try:
+    with session(urls) as (connection, where):
         channel = connection.channel()
         check_exchange(channel, exchange, where)
         queue: str = channel.queue_declare(
@@ -308,6 +307,15 @@ def follow(
         on_ready(where)
         while not stop.is_set():
             connection.process_data_events(time_limit=POLL_S)
+
+
+@contextlib.contextmanager
+def session(urls: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
+    """A connection to the first broker that answers, and where it is; pika's errors inside
+    become one-line BrokerErrors, and the connection is closed whatever happens."""
+    connection, where = connect_any(urls)
+    try:
+        yield connection, where
     except pika.exceptions.ChannelClosedByBroker as err:
         raise BrokerError(f"the broker at {where} refused: {err.reply_text}") from None
     except pika.exceptions.AMQPError as err:

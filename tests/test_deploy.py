@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ import pytest
 from publisher.ask import ask
 from publisher.config import DEFAULTS, read_config_file, resolve
 from tests.rabbitnode import RABBITMQ_USER, RabbitNode
+from tests.test_faults import depth, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DEFINITIONS = DEPLOY / "definitions.json"
@@ -76,22 +76,6 @@ def node() -> Iterator[RabbitNode]:
 
 def connect(node: RabbitNode, user: str = "guest", password: str = "guest") -> Any:
     return pika.BlockingConnection(pika.URLParameters(node.url(user, password)))
-
-
-def depth(node: RabbitNode, queue: str) -> int:
-    connection = connect(node)
-    try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        connection.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def from_libvirt(bodies: list[dict[str, Any]]) -> int:
