@@ -38,9 +38,11 @@ a UUID is identified by its name (a UUID derived from host and name, flagged
 
 Blind spots. watchdog swallows the kernel's inotify queue overflow
 (IN_Q_OVERFLOW): 7.1 only logs a warning on `watchdog.observers.inotify_c`.
-A filter on that logger turns the warning into a rescan; watchdog versions
-that do not log it, or a logging setup that silences it, leave the periodic
-rescan (`rescan_interval`) to catch up. A rescan compares every file with
+A filter on that logger turns the warning into a rescan. The logger is held
+at WARNING or below so the warning is made whatever level the operator
+chose (the filter then hides it from handlers below that level); watchdog
+versions that do not log it leave the periodic rescan (`rescan_interval`)
+to catch up. A rescan compares every file with
 what is known and emits the differences.
 
 Directories. A watched directory that does not exist is polled for every
@@ -281,16 +283,28 @@ class _Handler(FileSystemEventHandler):
 
 
 class _OverflowFilter(logging.Filter):
-    """Learns of an inotify queue overflow from the one place watchdog reports it: its log."""
+    """Learns of an inotify queue overflow from the one place watchdog reports it: its log.
+
+    `listen` holds watchdog's logger at WARNING or below, so an operator's `--log-level error`
+    cannot stop the warning from being made; what the operator's level hides, this filter
+    keeps from the handlers."""
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
         super().__init__()
         self._on_overflow = on_overflow
 
+    def listen(self) -> None:
+        logger = logging.getLogger(_WATCHDOG_INOTIFY_LOGGER)
+        logger.setLevel(min(logging.WARNING, logger.getEffectiveLevel()))
+        logger.addFilter(self)
+
+    def deafen(self) -> None:
+        logging.getLogger(_WATCHDOG_INOTIFY_LOGGER).removeFilter(self)
+
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(_OVERFLOW_WARNING):
             self._on_overflow()
-        return True
+        return record.levelno >= logging.getLogger().getEffectiveLevel()
 
 
 class FilesystemDriver:
@@ -396,7 +410,7 @@ class FilesystemDriver:
         now = time.monotonic()
         self._rescan_at = now + self._rescan_interval
         self._next_dir_check = now + DIR_POLL_S
-        logging.getLogger(_WATCHDOG_INOTIFY_LOGGER).addFilter(self._overflow_filter)
+        self._overflow_filter.listen()
         try:
             self._observer = InotifyObserver()
             self._observer.start()
@@ -674,7 +688,7 @@ class FilesystemDriver:
         if self._worker is not None:
             self._worker.join(5)
             self._worker = None
-        logging.getLogger(_WATCHDOG_INOTIFY_LOGGER).removeFilter(self._overflow_filter)
+        self._overflow_filter.deafen()
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()

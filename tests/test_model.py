@@ -444,8 +444,8 @@ def test_non_lifecycle_event_of_an_unknown_domain(answer: Probed, expected: list
 
 
 def test_a_gone_domain_whose_ending_never_comes_is_removed_after_the_grace() -> None:
-    tracker = Tracker(BACKEND)
     event = rtc_change(WEB, "web-01")
+    tracker = Tracker(BACKEND, clock=lambda: event.received_at)
     feed(tracker, Probe({WEB: GONE}), event)
     assert tracker.settle(event.received_at + model.GONE_GRACE_S / 2) == []
     ended = tracker.settle(event.received_at + model.GONE_GRACE_S)
@@ -455,6 +455,19 @@ def test_a_gone_domain_whose_ending_never_comes_is_removed_after_the_grace() -> 
     ]
     assert WEB not in tracker.records
     assert tracker.settle(event.received_at + 10 * model.GONE_GRACE_S) == []
+
+
+def test_the_grace_runs_from_the_lookup_answer_not_from_the_event() -> None:
+    """libvirtd holds the domain's lock while it destroys a QEMU guest, so a lookup made for
+    its `resumed` answers GONE only when the destroy is over, and the ending events come
+    right behind that answer, more than the grace after the `resumed` itself."""
+    answered = T0 + 1.9
+    tracker = Tracker(BACKEND, clock=lambda: answered)
+    feed(tracker, Probe({WEB: GONE}), lifecycle(WEB, "web-01", "resumed", "unpaused", 7))
+    assert tracker.settle(T0 + model.GONE_GRACE_S + 0.5) == []
+    out = feed(tracker, Probe(), lifecycle(WEB, "web-01", "stopped", "destroyed"))
+    assert [r[:2] for r in rows(out)] == [("stopped", "destroyed"), ("removed", "stopped")]
+    assert tracker.settle(answered + 10 * model.GONE_GRACE_S) == []
 
 
 def test_a_domain_missing_from_a_listing_ended_by_its_late_stop_lives_once() -> None:
