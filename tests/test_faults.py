@@ -238,9 +238,19 @@ def spool_bytes(state_dir: Path) -> int:
         return int(db.execute(f"SELECT TOTAL({size}) FROM messages").fetchone()[0])
 
 
+def spool_created(state_dir: Path) -> bool:
+    """Whether virtpub has made its spool: the file appears before its tables do."""
+    path = state_dir / "spool.sqlite3"
+    if not path.exists():
+        return False
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+        return db.execute(query).fetchone() is not None
+
+
 def wait_for_steady_spool(state_dir: Path) -> int:
     """Waits until the spool stopped growing: the burst is over or held back."""
-    wait_until((state_dir / "spool.sqlite3").exists, 30, "the spool")
+    wait_until(lambda: spool_created(state_dir), 30, "the spool")
     last, steady_since = -1, time.monotonic()
     deadline = time.monotonic() + 60
     while time.monotonic() - steady_since < 3:
