@@ -14,7 +14,6 @@ from RabbitMQ and `inventory_command` is the `virtpub inventory` command line.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import sys
@@ -28,8 +27,7 @@ import click
 import pika
 import pika.exceptions
 
-from publisher.redact import redact_url
-from publisher.tail import amqp_options, reason, stop_on_signals
+from publisher.tail import BrokerError, amqp_options, check_exchange, session, stop_on_signals
 
 BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#")
 ROUTING_KEY_PREFIX = "v1"
@@ -321,16 +319,8 @@ def to_json(inventory: Inventory) -> dict[str, Any]:
 # -- consuming ---------------------------------------------------------------------------------
 
 
-class InventoryError(Exception):
-    """Consuming cannot go on; the message is one line for the operator, without passwords."""
-
-
-class BrokerUnreachableError(InventoryError):
-    """No connection could be opened; another URL of the same cluster may do better."""
-
-
 def consume(
-    url: str,
+    urls: tuple[str, ...],
     exchange: str,
     *,
     on_change: Callable[[Inventory], None],
@@ -348,14 +338,8 @@ def consume(
     will be received; `on_change` runs after the table changed and the queue went quiet
     for `POLL_S`, or at least every `MAX_CHANGE_DELAY_S` during a steady stream.
 
-    Raises InventoryError (BrokerUnreachableError when no connection opened).
+    Reads from the first of `urls` whose broker answers; raises BrokerError.
     """
-    where = redact_url(url)
-    try:
-        parameters = pika.URLParameters(url)
-    except ValueError as err:
-        raise InventoryError(f"invalid AMQP URL {where!r}: {err}") from None
-    connection = _connect(parameters, where)
     inventory = Inventory()
     last_message = time.monotonic()
 
@@ -366,7 +350,7 @@ def consume(
             channel.basic_ack(method.delivery_tag)
         last_message = time.monotonic()
 
-    try:
+    with session(urls) as (connection, where):
         channel = connection.channel()
         name = _open_queue(channel, exchange, queue, where)
         channel.basic_consume(name, on_message, auto_ack=queue is None)
@@ -388,50 +372,28 @@ def consume(
             ):
                 on_change(inventory)
                 notified, notified_at = inventory.changes, time.monotonic()
-    except pika.exceptions.AMQPError as err:
-        raise InventoryError(f"lost the broker at {where}: {reason(err)}") from None
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            if connection.is_open:
-                connection.close()
     return inventory
-
-
-def _connect(parameters: pika.URLParameters, where: str) -> Any:
-    try:
-        return pika.BlockingConnection(parameters)
-    except pika.exceptions.ProbableAuthenticationError:
-        raise InventoryError(f"the broker at {where} refused the credentials") from None
-    except pika.exceptions.ProbableAccessDeniedError as err:
-        raise InventoryError(f"the broker at {where} denied access: {reason(err)}") from None
-    except pika.exceptions.AMQPConnectionError as err:
-        raise BrokerUnreachableError(f"cannot reach the broker at {where}: {reason(err)}") from None
 
 
 def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> str:
     """The queue to read: `queue` if it exists, else a fresh one bound to `exchange`."""
-    try:
-        if queue is not None:
-            channel.queue_declare(queue, passive=True)
-            channel.basic_qos(prefetch_count=PREFETCH)
-            return queue
-        channel.exchange_declare(exchange, passive=True)
+    if queue is None:
+        check_exchange(channel, exchange, where)
         name: str = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         for binding in BINDINGS:
             channel.queue_bind(name, exchange, routing_key=binding)
         return name
+    try:
+        channel.queue_declare(queue, passive=True)
     except pika.exceptions.ChannelClosedByBroker as err:
         if err.reply_code != 404:
-            raise InventoryError(f"the broker at {where} refused: {err.reply_text}") from None
-        if queue is not None:
-            raise InventoryError(
-                f"queue {queue!r} does not exist at {where}; declare it and bind it to the"
-                " exchange first"
-            ) from None
-        raise InventoryError(
-            f"exchange {exchange!r} does not exist at {where}; no publisher has declared it"
-            " yet, or --exchange is wrong"
+            raise  # the session says what the broker refused
+        raise BrokerError(
+            f"queue {queue!r} does not exist at {where}; declare it and bind it to the"
+            " exchange first"
         ) from None
+    channel.basic_qos(prefetch_count=PREFETCH)
+    return queue
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -490,7 +452,7 @@ def inventory_command(
 
     try:
         with stop_on_signals(stop):
-            inventory = _consume_any(
+            inventory = consume(
                 amqp_urls,
                 exchange,
                 on_change=show if watch else lambda _inventory: None,
@@ -498,7 +460,7 @@ def inventory_command(
                 stop=stop,
                 queue=queue,
             )
-    except InventoryError as err:
+    except BrokerError as err:
         click.echo(f"virtpub inventory: {err}", err=True)
         sys.exit(1)
     if watch:
@@ -513,13 +475,3 @@ def inventory_command(
             " publisher's next snapshot (at its start or reconnect), or use --queue",
             err=True,
         )
-
-
-def _consume_any(urls: tuple[str, ...], exchange: str, **options: Any) -> Inventory:
-    """`consume` on the first URL whose broker can be reached."""
-    for url in urls[:-1]:
-        try:
-            return consume(url, exchange, **options)
-        except BrokerUnreachableError:
-            continue
-    return consume(urls[-1], exchange, **options)

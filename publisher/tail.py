@@ -95,12 +95,13 @@ def connect(url: str) -> tuple[Any, str]:
 
 
 def check_exchange(channel: Any, exchange: str, where: str) -> None:
-    """Binding to a missing exchange fails with a bare 404; this says which and why."""
+    """Binding to a missing exchange fails with a bare 404; this says which and why.
+    Called inside `session`, which turns any other refusal into one line."""
     try:
         channel.exchange_declare(exchange, passive=True)
     except pika.exceptions.ChannelClosedByBroker as err:
         if err.reply_code != 404:
-            raise BrokerError(f"the broker at {where} refused: {err.reply_text}") from None
+            raise  # the session says what the broker refused
         raise BrokerError(
             f"exchange {exchange!r} does not exist at {where}; no publisher has declared it"
             " yet, or --exchange is wrong"

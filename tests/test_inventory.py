@@ -390,7 +390,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic_excha
     def run() -> None:
         result.append(
             consume(
-                amqp_url,
+                (amqp_url,),
                 topic_exchange,
                 on_change=lambda inventory: changes.append(len(inventory.rows())),
                 idle_timeout=1.0,
