@@ -90,6 +90,15 @@ def exchange(amqp_url: str) -> Iterator[str]:
     connection.close()
 
 
+@pytest.fixture
+def topic(amqp_url: str, exchange: str) -> str:
+    """The test's exchange, declared as a publisher would (the `exchange` fixture deletes it)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection.channel().exchange_declare(exchange, "topic", durable=True)
+    connection.close()
+    return exchange
+
+
 @dataclass
 class Received:
     routing_key: str

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from publisher.archive import ArchiveError, ArchiveWriter, MemberReader, archive_group
 from tests.conftest import HOST_ID, RunningPublisher
-from tests.test_publish_test_driver import domain_xml
+from tests.test_publish_test_driver import domain_xml, run_lifecycle
 from tests.test_tail import Message, finish, publish, start
 
 ARCHIVE = "from publisher.archive import archive_group; archive_group(prog_name='virtpub archive')"
@@ -68,14 +68,6 @@ def queue(amqp_url: str) -> Iterator[str]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     connection.channel().queue_delete(name)
     connection.close()
-
-
-@pytest.fixture
-def topic(amqp_url: str, exchange: str) -> str:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    connection.channel().exchange_declare(exchange, "topic", durable=True)
-    connection.close()
-    return exchange
 
 
 def start_archiver(amqp_url: str, exchange: str, queue: str, directory: Path, *args: str) -> Any:
@@ -265,12 +257,7 @@ def test_a_real_publishers_archive_verifies_until_lines_go_missing(
     for name in ("vm-a", "vm-b", "vm-c"):
         xml, dom_uuid = domain_xml(name)
         uuids.append(dom_uuid)
-        dom = publisher.conn.defineXML(xml)
-        dom.create()
-        dom.suspend()
-        dom.resume()
-        dom.destroy()
-        dom.undefine()
+        run_lifecycle(publisher.conn, xml)
 
     def ended() -> bool:
         keys = {(r["message"]["subject"], r["routing_key"]) for r in records(tmp_path)}

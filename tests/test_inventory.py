@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pika
@@ -333,17 +332,6 @@ def test_render_table_aligns_columns_and_reports_counters() -> None:
 # -- against the real broker ------------------------------------------------------------------
 
 
-@pytest.fixture
-def topic_exchange(amqp_url: str) -> Iterator[str]:
-    name = f"virtpub-test-{uuid.uuid4().hex}"
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = connection.channel()
-    channel.exchange_declare(name, "topic")
-    yield name
-    channel.exchange_delete(name)
-    connection.close()
-
-
 def publish(amqp_url: str, exchange: str, messages: list[Message]) -> None:
     """Publishes with confirms and `mandatory`, so each message is known to reach a queue."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -381,7 +369,7 @@ def fleet() -> tuple[list[Message], list[tuple[str, str, str, bool, str]]]:
 
 
 @pytest.mark.broker
-def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic_exchange: str) -> None:
+def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic: str) -> None:
     messages, expected = fleet()
     ready = threading.Event()
     changes: list[int] = []
@@ -391,7 +379,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic_excha
         result.append(
             consume(
                 (amqp_url,),
-                topic_exchange,
+                topic,
                 on_change=lambda inventory: changes.append(len(inventory.rows())),
                 idle_timeout=1.0,
                 stop=threading.Event(),
@@ -402,7 +390,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic_excha
     thread = threading.Thread(target=run, name="test-inventory", daemon=True)
     thread.start()
     assert ready.wait(10), "the consumer did not bind its queue"
-    publish(amqp_url, topic_exchange, messages)
+    publish(amqp_url, topic, messages)
     thread.join(15)
     assert not thread.is_alive() and result, "consume did not return after 1 s of silence"
     inventory = result[0]
@@ -412,15 +400,15 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic_excha
 
 
 @pytest.mark.broker
-def test_command_reads_a_durable_queue_and_prints_json(amqp_url: str, topic_exchange: str) -> None:
+def test_command_reads_a_durable_queue_and_prints_json(amqp_url: str, topic: str) -> None:
     messages, expected = fleet()
     queue = f"virtpub-test-{uuid.uuid4().hex}"
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     channel.queue_declare(queue, durable=True)
     try:
-        channel.queue_bind(queue, topic_exchange, routing_key="v1.#")
-        publish(amqp_url, topic_exchange, messages)
+        channel.queue_bind(queue, topic, routing_key="v1.#")
+        publish(amqp_url, topic, messages)
         result = CliRunner().invoke(
             inventory_command, ["--amqp-url", amqp_url, "--queue", queue, "--json", "--idle", "0.5"]
         )

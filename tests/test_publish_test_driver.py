@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pika
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
@@ -31,6 +32,16 @@ def domain_xml(name: str) -> tuple[str, str]:
     return DOMAIN_XML.format(name=name, uuid=dom_uuid), dom_uuid
 
 
+def run_lifecycle(conn: Any, xml: str) -> None:
+    """Define, start, pause, resume, destroy and undefine one domain: eight messages."""
+    dom = conn.defineXML(xml)
+    dom.create()
+    dom.suspend()
+    dom.resume()
+    dom.destroy()
+    dom.undefine()
+
+
 def keys_for(messages: list[Received], dom_uuid: str) -> list[str]:
     return [m.routing_key for m in messages if m.body.get("subject") == dom_uuid]
 
@@ -46,12 +57,7 @@ def test_persistent_lifecycle_is_published_in_order_after_capabilities(
     consumer = consumer_factory("#")
     publisher = publisher_factory()
     xml, dom_uuid = domain_xml("vm-persistent")
-    dom = publisher.conn.defineXML(xml)
-    dom.create()
-    dom.suspend()
-    dom.resume()
-    dom.destroy()
-    dom.undefine()
+    run_lifecycle(publisher.conn, xml)
 
     messages = consumer.collect(count_for(dom_uuid, 8))
     assert messages[0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from publisher.tail import tail_command
 from tests.conftest import HOST_ID, RunningPublisher
-from tests.test_publish_test_driver import domain_xml
+from tests.test_publish_test_driver import domain_xml, run_lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 TAIL = "from publisher.tail import tail_command; tail_command(prog_name='virtpub tail')"
@@ -78,15 +78,6 @@ def start_tail(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[by
     return start(TAIL, *args, ready="virtpub tail: following", stdout=stdout)[0]
 
 
-@pytest.fixture
-def topic(amqp_url: str, exchange: str) -> str:
-    """The test's exchange, declared as a publisher would (the fixture deletes it after)."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    connection.channel().exchange_declare(exchange, "topic", durable=True)
-    connection.close()
-    return exchange
-
-
 def publish(
     amqp_url: str, exchange: str, messages: list[Message], *, mandatory: bool = True
 ) -> None:
@@ -138,12 +129,7 @@ def test_prints_one_plain_line_per_message_of_the_domain(
     )  # fmt: skip
     for name in ("vm-other", "vm-tail"):  # the other domain's messages come first
         xml, _ = domain_xml(name)
-        dom = publisher.conn.defineXML(xml)
-        dom.create()
-        dom.suspend()
-        dom.resume()
-        dom.destroy()
-        dom.undefine()
+        run_lifecycle(publisher.conn, xml)
     code, out, err = finish(tail)
     assert code == 0, err
     assert ESC not in out  # not a terminal: plain text
