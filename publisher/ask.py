@@ -9,33 +9,32 @@ from typing import Any
 
 import orjson
 import pika
-import pika.exceptions
 
 from publisher.requests import ALL_HOSTS, REPLY_PREFIX, request_key, requests_exchange
+from publisher.tail import missing_means, session
 
 MARK = {"native": "native", "derived": "derived", "polled": "polled",
         "filesystem": "files", "unsupported": "-"}  # fmt: skip
 
 
-class AskError(Exception):
-    """One line for the operator: the broker could not be asked."""
-
-
-def ask(url: str, exchange: str, hosts: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+def ask(
+    urls: tuple[str, ...], exchange: str, hosts: Sequence[str], timeout: float
+) -> list[dict[str, Any]]:
     """The capabilities messages of the publishers that answered within `timeout`.
 
     With no hosts named, every publisher is asked and all answers within the
     timeout are kept; with hosts named, it returns as soon as each has answered.
+    Asks through the first of `urls` whose broker answers; raises BrokerError.
     """
     correlation = str(uuid.uuid4())
     replies: dict[str, dict[str, Any]] = {}
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except pika.exceptions.AMQPError as err:
-        raise AskError(f"cannot reach the broker: {type(err).__name__}: {err}") from None
-    try:
+    with session(urls) as (connection, _where):
         channel = connection.channel()
-        channel.exchange_declare(requests_exchange(exchange), passive=True)
+        with missing_means(
+            f"no publisher has ever served requests on exchange {exchange!r}"
+            f" ({requests_exchange(exchange)} does not exist)"
+        ):
+            channel.exchange_declare(requests_exchange(exchange), passive=True)
         reply_to = f"{REPLY_PREFIX}{correlation}"
         queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(queue, requests_exchange(exchange), reply_to)
@@ -60,18 +59,6 @@ def ask(url: str, exchange: str, hosts: Sequence[str], timeout: float) -> list[d
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not (hosts and set(hosts) <= set(replies)):
             connection.process_data_events(time_limit=0.05)
-    except pika.exceptions.ChannelClosedByBroker as err:
-        if err.reply_code == 404:
-            raise AskError(
-                f"no publisher has ever served requests on exchange {exchange!r}"
-                f" ({requests_exchange(exchange)} does not exist)"
-            ) from None
-        raise AskError(f"the broker refused the request: {err.reply_text}") from None
-    except pika.exceptions.AMQPError as err:
-        raise AskError(f"the broker connection failed: {type(err).__name__}: {err}") from None
-    finally:
-        if connection.is_open:
-            connection.close()
     return [replies[host] for host in sorted(replies)]
 
 

@@ -20,7 +20,7 @@ from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
 from publisher.archive import archive_group
-from publisher.ask import AskError, ask
+from publisher.ask import ask
 from publisher.ask import table as capability_table
 from publisher.asyncapi import asyncapi_command
 from publisher.config import (
@@ -40,7 +40,7 @@ from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
 from publisher.redact import redact_url
 from publisher.systemd import Notifier
-from publisher.tail import tail_command
+from publisher.tail import BrokerError, amqp_options, tail_command
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -298,20 +298,7 @@ main.add_command(archive_group)
     multiple=True,
     help="Ask this host's publisher; repeat for several. [default: every publisher]",
 )
-@click.option(
-    "--amqp-url",
-    envvar="VIRTPUB_AMQP_URL",
-    default=DEFAULTS["amqp_url"][0],  # type: ignore[index]
-    show_default=True,
-    help="The broker to ask through.",
-)
-@click.option(
-    "--exchange",
-    envvar="VIRTPUB_EXCHANGE",
-    default=DEFAULTS["exchange"],
-    show_default=True,
-    help="The publishers' exchange.",
-)
+@amqp_options
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1, max=300),
@@ -326,7 +313,7 @@ def capabilities(
     libvirt_uris: tuple[str, ...],
     poll_interval: float,
     hosts: tuple[str, ...],
-    amqp_url: str,
+    amqp_urls: tuple[str, ...],
     exchange: str,
     timeout: float,
     as_json: bool,
@@ -346,12 +333,13 @@ def capabilities(
     """
     if explain:
         sys.exit(_explain(libvirt_uris, poll_interval))
-    problem = amqp_url_problem(amqp_url)
-    if problem:
-        raise click.UsageError(f"--amqp-url {redact_url(amqp_url)!r} {problem}")
+    for url in amqp_urls:
+        problem = amqp_url_problem(url)
+        if problem:
+            raise click.UsageError(f"--amqp-url {redact_url(url)!r} {problem}")
     try:
-        answers = ask(amqp_url, exchange, hosts, timeout)
-    except AskError as err:
+        answers = ask(amqp_urls, exchange, hosts, timeout)
+    except BrokerError as err:
         click.echo(f"virtpub: {err}", err=True)
         sys.exit(EXIT_FAILURE)
     missing = sorted(set(hosts) - {a["data"]["host_id"] for a in answers})

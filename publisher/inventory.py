@@ -24,10 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-import pika
-import pika.exceptions
 
-from publisher.tail import BrokerError, amqp_options, check_exchange, session, stop_on_signals
+from publisher.tail import (
+    BrokerError,
+    amqp_options,
+    check_exchange,
+    missing_means,
+    session,
+    stop_on_signals,
+)
 
 BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#")
 ROUTING_KEY_PREFIX = "v1"
@@ -383,15 +388,10 @@ def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> s
         for binding in BINDINGS:
             channel.queue_bind(name, exchange, routing_key=binding)
         return name
-    try:
+    with missing_means(
+        f"queue {queue!r} does not exist at {where}; declare it and bind it to the exchange first"
+    ):
         channel.queue_declare(queue, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as err:
-        if err.reply_code != 404:
-            raise  # the session says what the broker refused
-        raise BrokerError(
-            f"queue {queue!r} does not exist at {where}; declare it and bind it to the"
-            " exchange first"
-        ) from None
     channel.basic_qos(prefetch_count=PREFETCH)
     return queue
 

@@ -94,18 +94,24 @@ def connect(url: str) -> tuple[Any, str]:
         raise BrokerUnreachableError(f"cannot reach the broker at {where}: {reason(err)}") from None
 
 
-def check_exchange(channel: Any, exchange: str, where: str) -> None:
-    """Binding to a missing exchange fails with a bare 404; this says which and why.
-    Called inside `session`, which turns any other refusal into one line."""
+@contextlib.contextmanager
+def missing_means(explanation: str) -> Iterator[None]:
+    """A passive declare of something missing fails with a bare 404; this says what is
+    missing and why. Used inside `session`, which turns any other refusal into one line."""
     try:
-        channel.exchange_declare(exchange, passive=True)
+        yield
     except pika.exceptions.ChannelClosedByBroker as err:
         if err.reply_code != 404:
-            raise  # the session says what the broker refused
-        raise BrokerError(
-            f"exchange {exchange!r} does not exist at {where}; no publisher has declared it"
-            " yet, or --exchange is wrong"
-        ) from None
+            raise
+        raise BrokerError(explanation) from None
+
+
+def check_exchange(channel: Any, exchange: str, where: str) -> None:
+    with missing_means(
+        f"exchange {exchange!r} does not exist at {where}; no publisher has declared it"
+        " yet, or --exchange is wrong"
+    ):
+        channel.exchange_declare(exchange, passive=True)
 
 
 def on_cancel_raise(channel: Any, queue: str) -> None:

@@ -146,7 +146,7 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
             f"{EVENTS} synthetic events in {ORCHESTRATOR}",
         )
         # Its permissions also let it answer capabilities requests, through its own exchange.
-        (answer,) = ask(node.url(), EXCHANGE, [HOST_ID], timeout=10)
+        (answer,) = ask((node.url(),), EXCHANGE, [HOST_ID], timeout=10)
         assert answer["type"] == "org.virtpub.publisher.capabilities"
     finally:
         process.send_signal(signal.SIGTERM)
