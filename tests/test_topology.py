@@ -5,6 +5,7 @@ where `virtpub run`'s exit code is.)"""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import pika
@@ -81,3 +82,31 @@ def test_exchanges_with_an_earlier_virtpubs_alternate_exchange_argument_are_used
     assert len(used) == 2, used
     for name, line in zip((exchange, requests_exchange(exchange)), sorted(used), strict=True):
         assert f"exchange {name!r}" in line and "'alternate-exchange'" in line
+
+
+def test_a_requests_exchange_of_another_type_leaves_publishing_going(
+    amqp_url: str,
+    exchange: str,
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Requests cannot be served through a fanout exchange, but the events still go out:
+    one warning, and the run goes on (the events exchange's type is what stops virtpub)."""
+    caplog.set_level(logging.WARNING, logger="publisher.requests")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().exchange_declare(requests_exchange(exchange), "fanout", durable=True)
+    consumer = consumer_factory("#")
+    publisher = publisher_factory()
+    messages = consumer.collect(snapshot_ended)
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+
+    deadline = time.monotonic() + 10  # the requests channel is set up after publishing's
+    while not refusals() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert publisher.stop() == 0
+    assert messages[0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
+    (line,) = refusals()
+    assert f"exchange {requests_exchange(exchange)!r} exists as a fanout exchange" in line
