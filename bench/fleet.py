@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     exchange = f"bench-fleet-{uuid.uuid4().hex[:8]}"
     admin = pika.BlockingConnection(pika.URLParameters(args.amqp_url))
     channel = admin.channel()
-    channel.exchange_declare(
-        exchange, "topic", durable=True, arguments={"alternate-exchange": f"{exchange}.unroutable"}
-    )
+    channel.exchange_declare(exchange, "topic", durable=True)
     channel.queue_declare(exchange, durable=True)
     channel.queue_bind(exchange, exchange, "#")
     reader = Reader(args.amqp_url, exchange)

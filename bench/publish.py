@@ -290,9 +290,7 @@ def _wait_for(condition: Any, timeout: float = 120.0) -> None:
 def _bind_queue(url: str, exchange: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.exchange_declare(
-        exchange, "topic", durable=True, arguments={"alternate-exchange": f"{exchange}.unroutable"}
-    )
+    channel.exchange_declare(exchange, "topic", durable=True)
     channel.queue_declare(exchange, durable=True)
     channel.queue_bind(exchange, exchange, "#")
     connection.close()

@@ -219,8 +219,9 @@ def _description() -> str:
     return (
         "A virtpub publisher runs on each hypervisor host and publishes every libvirt domain"
         " event of the host, and its own announcements, on one RabbitMQ topic exchange"
-        f" (`{exchange}` unless started with --exchange; durable, with alternate exchange"
-        f" `{exchange}.unroutable` keeping what no binding matched).\n\n"
+        f" (`{exchange}` unless started with --exchange; durable, no arguments, so consumers"
+        " may declare it too; an alternate-exchange policy sends what no binding matched to"
+        f" `{exchange}.unroutable`).\n\n"
         "Every message is a CloudEvent 1.0 in structured mode: the AMQP body is one JSON"
         f" object, content type `{CONTENT_TYPE}`. Its `dataschema`"
         " (`urn:virtpub:schema:<schema>:<version>`) names the JSON Schema it follows; a minor"

@@ -9,8 +9,9 @@ original order and is resent with the same id.
 
 Whether to retry is decided by exception class: a broker that cannot be
 reached is retried with tenacity's exponential backoff and jitter, while
-refused credentials, a denied vhost or an exchange declared with other settings
-stop the publisher with one line for the operator.
+refused credentials, a denied vhost or an exchange of another type stop the
+publisher with one line for the operator. An exchange that exists with other
+settings is used as it is (publisher.topology).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from publisher.metrics import LatencyHistogram
 from publisher.redact import redact_url
 from publisher.requests import CapabilityResponder
 from publisher.spool import Spool
+from publisher.topology import ExchangeSetup
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ class Broker:
         # Owned by the I/O thread.
         self._connection: Any = None
         self._channel: Any = None
+        self._setup_channel: Any = None
+        """The channel the alternate exchange's queue is declared on, until it closes."""
         self._next_tag = 0
         self._blocked = False
         self._pump_scheduled = False
@@ -151,6 +155,8 @@ class Broker:
         self.confirmed = 0
         self.nacked = 0
         self.returned = 0
+        self._warned_unroutable = False
+        """Whether the first return has been explained in the log (once per process)."""
         self.reconnects = 0
         self.latency = LatencyHistogram()
         self._thread = threading.Thread(target=self._run, name="amqp-io", daemon=True)
@@ -292,7 +298,7 @@ class Broker:
         self._session_ready = False
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        connection.channel(on_open_callback=self._on_channel_open)
+        self.setup_unroutable_exchange()
 
     def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
         self._session_ready = False
@@ -317,37 +323,33 @@ class Broker:
             self._session_error = BrokerUnavailableError(_one_line(reason))
         connection.ioloop.stop()
 
-    def _on_channel_open(self, channel: Any) -> None:
-        self._channel = channel
-        self._next_tag = 0
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_return)
-        connection = self._connection
+    def setup_unroutable_exchange(self) -> None:
+        """Declares `<exchange>.unroutable` (fanout) and its queue, for an alternate-exchange
+        policy to deliver to.
 
-        def confirm_mode() -> None:
-            if channel is self._channel and channel.is_open:
-                channel.confirm_delivery(
-                    ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode
-                )
+        The alternate exchange itself comes from a policy (an argument on the events
+        exchange would make every other declaration of it fail), but virtpub still
+        declares what the policy points at: then the one `rabbitmqctl set_policy` line
+        is all an operator adds, and a policy never names a missing exchange (the broker
+        would return every unroutable message instead). Without a policy they sit
+        unused. Publishing does not depend on them: a refusal is logged and setup goes on.
+        """
+        ExchangeSetup(
+            self._connection,
+            self._unroutable,
+            "fanout",
+            on_ready=self.on_unroutable_exchange_ready,
+            on_refused=self.on_unroutable_exchange_refused,
+            on_failed=self.on_unroutable_exchange_refused,
+        ).setup_exchange()
 
-        channel.exchange_declare(
-            exchange=self._unroutable,
-            exchange_type="fanout",
-            durable=True,
-            callback=lambda _f: channel.exchange_declare(
-                exchange=self._exchange,
-                exchange_type="topic",
-                durable=True,
-                arguments={"alternate-exchange": self._unroutable},
-                callback=lambda _f2: connection.channel(
-                    on_open_callback=lambda c: self._declare_unroutable_queue(c, confirm_mode)
-                ),
-            ),
-        )
+    def on_unroutable_exchange_refused(self, line: str) -> None:
+        log.warning("%s; unroutable messages come back as returns", line)
+        self.setup_exchange()
 
-    def _declare_unroutable_queue(self, channel: Any, then: Callable[[], None]) -> None:
-        """The alternate exchange's queue, on a channel of its own: publishing never waits
-        for it, nor fails with it.
+    def on_unroutable_exchange_ready(self, channel: Any) -> None:
+        """The alternate exchange's queue, on the channel its exchange was declared on, which
+        is closed afterwards: publishing never waits for it again, nor fails with it.
 
         A quorum queue, so it survives the loss of a cluster node (a classic queue is
         unreachable while its home node is down, and could not even be declared again).
@@ -355,35 +357,61 @@ class Broker:
         the broker refuses the declaration: it is kept as it is. While it is missing,
         unroutable messages come back as returns and are kept in the spool.
         """
-
-        done = False
-
-        def finish() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                then()
-
-        def closed(_channel: Any, reason: BaseException) -> None:
-            code = getattr(reason, "reply_code", None)
-            if code not in (None, 0, 200, 320):
-                log.warning("alternate-exchange queue %r not declared: %s", self._unroutable,
-                            _one_line(reason))  # fmt: skip
-            finish()
-
-        def bound(_frame: Any) -> None:
-            finish()
-            channel.close()
-
-        channel.add_on_close_callback(closed)
+        self._setup_channel = channel
+        channel.add_on_close_callback(self.on_unroutable_channel_closed)
         channel.queue_declare(
             queue=self._unroutable,
             durable=True,
             arguments={"x-queue-type": "quorum"},
-            callback=lambda _f: channel.queue_bind(
-                queue=self._unroutable, exchange=self._unroutable, callback=bound
-            ),
+            callback=self.on_unroutable_queue_declareok,
         )
+
+    def on_unroutable_queue_declareok(self, _frame: Any) -> None:
+        self._setup_channel.queue_bind(
+            queue=self._unroutable, exchange=self._unroutable, callback=self.on_unroutable_bindok
+        )
+
+    def on_unroutable_bindok(self, _frame: Any) -> None:
+        self._setup_channel.close()
+
+    def on_unroutable_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        """Closed after the binding, or by a refusal: either way the events exchange is next,
+        unless the connection itself is going away."""
+        self._setup_channel = None
+        if self._connection is None or not self._connection.is_open:
+            return
+        code = getattr(reason, "reply_code", None)
+        if code not in (0, 200):
+            log.warning("alternate-exchange queue %r not declared: %s", self._unroutable,
+                        _one_line(reason))  # fmt: skip
+        self.setup_exchange()
+
+    def setup_exchange(self) -> None:
+        """The events exchange: topic, durable, no arguments, or the one that exists."""
+        ExchangeSetup(
+            self._connection,
+            self._exchange,
+            "topic",
+            on_ready=self._on_channel_open,
+            on_refused=self.on_exchange_refused,
+            on_failed=self.on_exchange_failed,
+        ).setup_exchange()
+
+    def on_exchange_refused(self, line: str) -> None:
+        self._session_error = BrokerFatalError(f"broker at {self._url}: {line}")
+        self._connection.close()
+
+    def on_exchange_failed(self, line: str) -> None:
+        self._session_error = BrokerUnavailableError(f"{self._url}: {line}")
+        self._connection.close()
+
+    def _on_channel_open(self, channel: Any) -> None:
+        """The channel the events exchange was confirmed on becomes the publishing channel."""
+        self._channel = channel
+        self._next_tag = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         self._session_ready = True
@@ -495,18 +523,31 @@ class Broker:
             self._channel.close()
 
     def _on_return(self, _channel: Any, method: Any, props: Any, _body: bytes) -> None:
-        """Only when the alternate exchange cannot take a message either (its queue was
-        deleted, say): the ack that follows would otherwise delete the one copy."""
+        """A message no binding matched and no alternate exchange took (no policy sets one,
+        or its queue was deleted) comes back before its ack, which would otherwise delete
+        the one copy: it is kept in the spool's returned table and counted.
+
+        The first return says why; later ones are only counted
+        (`virtpub_messages_returned`): without a policy every unmatched message comes
+        back, and a line each would bury the log.
+        """
         self.returned += 1
         message = next((m for _, m in self._in_flight if m.id == props.message_id), None)
-        if message is not None:
-            self._spool.keep_returned(message, method.reply_code, method.reply_text)
+        if message is None:
+            log.warning("broker returned message %s, which is not in flight", props.message_id)
+            return
+        self._spool.keep_returned(message, method.reply_code, method.reply_text)
+        if self._warned_unroutable:
+            return
+        self._warned_unroutable = True
         log.warning(
-            "broker returned message %s as unroutable (routing key %s): %s; %s",
+            "broker returned message %s as unroutable (routing key %s, %s): no binding matched"
+            " and no alternate exchange took it (set one with a policy on %r, see the README);"
+            " kept in the spool's returned table, later returns are only counted",
             props.message_id,
             method.routing_key,
             method.reply_text,
-            "kept in the spool's returned table" if message is not None else "not in flight",
+            self._exchange,
         )
 
     def _requeue_in_flight(self) -> None:

@@ -22,6 +22,7 @@ import pika
 import pika.spec
 
 from publisher.envelope import CONTENT_TYPE
+from publisher.topology import ExchangeSetup
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,26 @@ class CapabilityResponder:
         self.answered = 0
 
     def attach(self, connection: Any) -> None:
-        """Opens the request channel on a fresh connection (I/O thread)."""
-        connection.channel(on_open_callback=self._on_channel_open)
+        """Declares the requests exchange, or uses the one that exists, on a fresh connection
+        (I/O thread); a refusal is logged and publishing goes on."""
+        ExchangeSetup(
+            connection,
+            self._exchange,
+            "topic",
+            on_ready=self._on_channel_open,
+            on_refused=self._on_exchange_refused,
+            on_failed=self._on_exchange_refused,
+        ).setup_exchange()
+
+    def _on_exchange_refused(self, line: str) -> None:
+        log.warning("capabilities requests are not served: %s", line)
 
     def _on_channel_open(self, channel: Any) -> None:
+        """The channel the exchange was confirmed on; the request queue is exclusive."""
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
-        channel.exchange_declare(
-            exchange=self._exchange,
-            exchange_type="topic",
-            durable=True,
-            callback=lambda _f: channel.queue_declare(
-                queue=self._queue, exclusive=True, auto_delete=True, callback=self._bind
-            ),
+        channel.queue_declare(
+            queue=self._queue, exclusive=True, auto_delete=True, callback=self._bind
         )
 
     def _bind(self, _frame: Any, remaining: int = 0) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +100,27 @@ def topic(amqp_url: str, exchange: str) -> str:
     return exchange
 
 
+@contextlib.contextmanager
+def alternate_exchange_policy(exchange: str) -> Iterator[str]:
+    """A policy on the shared broker giving `exchange` (and only it: the pattern is its
+    exact name) the alternate exchange `<exchange>.unroutable`, as the README's
+    `rabbitmqctl set_policy` line does; cleared afterwards whatever happens."""
+    name = f"{exchange}-ae"
+    definition = json.dumps({"alternate-exchange": f"{exchange}.unroutable"})
+    pattern = f"^{re.escape(exchange)}$"
+    rabbitmqctl("set_policy", name, pattern, definition, "--apply-to", "exchanges")
+    try:
+        yield name
+    finally:
+        rabbitmqctl("clear_policy", name)
+
+
+def rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+
+
 @dataclass
 class Received:
     routing_key: str
@@ -109,22 +131,23 @@ class Received:
 
 @dataclass
 class Consumer:
-    """A queue bound to the exchange before the publisher starts, read from the test thread."""
+    """A queue bound to the exchange before the publisher starts, read from the test thread.
+
+    It declares the exchange itself (topic, durable, no arguments) unless the test
+    declared it otherwise first (`declare=False`)."""
 
     url: str
     exchange: str
     bindings: tuple[str, ...] = ("#",)
+    declare: bool = True
     messages: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
         self._channel = self._connection.channel()
-        self._channel.exchange_declare(
-            self.exchange,
-            "topic",
-            durable=True,
-            arguments={"alternate-exchange": f"{self.exchange}.unroutable"},
-        )
+        if self.declare:
+            # As Nova-style consumers declare the exchange they bind to, before any publisher.
+            self._channel.exchange_declare(self.exchange, "topic", durable=True)
         self.queue = self._channel.queue_declare("", exclusive=True).method.queue
         for binding in self.bindings:
             self._channel.queue_bind(self.queue, self.exchange, routing_key=binding)
@@ -164,8 +187,8 @@ class Consumer:
 def consumer_factory(amqp_url: str, exchange: str) -> Iterator[Callable[..., Consumer]]:
     made: list[Consumer] = []
 
-    def make(*bindings: str) -> Consumer:
-        consumer = Consumer(amqp_url, exchange, bindings or ("#",))
+    def make(*bindings: str, declare: bool = True) -> Consumer:
+        consumer = Consumer(amqp_url, exchange, bindings or ("#",), declare)
         made.append(consumer)
         return consumer
 

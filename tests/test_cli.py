@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 from publisher.config import sanitize_host_id
@@ -69,6 +70,25 @@ def test_wrong_credentials_give_one_line_and_exit_1(tmp_path: Path, exchange: st
     (line,) = error_lines(result.stderr)
     assert "refused the login" in line
     assert "wrongsecret" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_exchange_of_another_type_gives_one_line_and_exit_1(
+    tmp_path: Path, amqp_url: str, exchange: str
+) -> None:
+    """Someone declared the exchange as fanout: virtpub's topic bindings would never see a
+    routing key there, and retrying cannot change the type."""
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().exchange_declare(exchange, "fanout", durable=True)
+    started = time.monotonic()
+    result = virtpub(
+        "run", "--libvirt-uri", "test:///default", "--exchange", exchange,
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert time.monotonic() - started < 15, "the type is not worth retrying"
+    (line,) = error_lines(result.stderr)
+    assert f"exchange {exchange!r} exists as a fanout exchange, not topic" in line
+    assert "Traceback" not in result.stderr
 
 
 def test_bogus_libvirt_uri_gives_one_line_and_exit_1(tmp_path: Path, exchange: str) -> None:

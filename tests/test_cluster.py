@@ -42,12 +42,7 @@ def declare_topology(cluster: RabbitCluster, exchange: str) -> None:
     would let virtpub declare it again (404, home node down).
     """
     with pika.BlockingConnection(pika.URLParameters(cluster.nodes[-1].url())) as connection:
-        connection.channel().exchange_declare(
-            exchange,
-            "topic",
-            durable=True,
-            arguments={"alternate-exchange": f"{exchange}.unroutable"},
-        )
+        connection.channel().exchange_declare(exchange, "topic", durable=True)
     quorum = {
         "x-queue-type": "quorum",
         "x-quorum-initial-group-size": len(cluster.nodes),

@@ -3,9 +3,10 @@ virtpub.toml is a valid configuration of every setting, virtpub.service is a not
 
 The broker test imports the definitions into a private RabbitMQ node and runs
 virtpub as the least-privileged `virtpub` user they define: a definition that
-differs from what virtpub declares at startup (durability, alternate exchange)
-would close its channel (406) and make it exit 1, and a permission it lacks
-would refuse it (403).
+differs from what virtpub declares at startup (durability, arguments) would be
+used as it is with a line in its log, another exchange type would make it exit 1,
+and a permission it lacks would refuse it (403). The alternate exchange is the
+definitions' policy, not an argument.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
     assert process.returncode == 0, stderr
     assert "requests are not served" not in stderr
     assert "not declared" not in stderr  # the definitions match what virtpub declares
+    assert "using it as it is" not in stderr
     take_all()
     consumer.close()
 
@@ -166,6 +168,18 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
     audit = read_stream(node, AUDIT, published)
     assert [b["id"] for b in audit] == [b["id"] for b in orchestrator]
     assert depth(node, UNROUTABLE) == 0  # every message had a binding
+
+
+def test_the_definitions_policy_gives_the_exchange_its_alternate_exchange(
+    node: RabbitNode,
+) -> None:
+    listed = node.ctl("list_exchanges", "name", "type", "policy", "--no-table-headers").stdout
+    rows = {tuple(line.split("\t")) for line in listed.splitlines()}
+    assert (EXCHANGE, "topic", "virt-events-alternate-exchange") in rows
+    (policy,) = json.loads(DEFINITIONS.read_text())["policies"]
+    assert policy["definition"] == {"alternate-exchange": UNROUTABLE}
+    assert re.fullmatch(policy["pattern"], EXCHANGE) and policy["apply-to"] == "exchanges"
+    assert not re.fullmatch(policy["pattern"], f"{EXCHANGE}.requests")
 
 
 def test_the_virtpub_user_cannot_read_a_queue(node: RabbitNode) -> None:

@@ -44,9 +44,7 @@ def queue(node: RabbitNode) -> Iterator[str]:
     name = f"faults-{uuid.uuid4().hex[:8]}"
     connection = pika.BlockingConnection(pika.URLParameters(node.url()))
     channel = connection.channel()
-    channel.exchange_declare(
-        name, "topic", durable=True, arguments={"alternate-exchange": f"{name}.unroutable"}
-    )
+    channel.exchange_declare(name, "topic", durable=True)
     channel.queue_declare(name, durable=True)
     channel.queue_bind(name, name, "#")
     connection.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 
@@ -19,7 +21,14 @@ from drivers import capability_map
 from drivers.capability_map import DriverRow
 from publisher.envelope import CONTENT_TYPE
 from publisher.spool import Spool
-from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher, assert_valid
+from tests.conftest import (
+    HOST_ID,
+    Consumer,
+    Received,
+    RunningPublisher,
+    alternate_exchange_policy,
+    assert_valid,
+)
 
 DOMAIN_XML = """<domain type='test'>
   <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>
@@ -229,27 +238,30 @@ def test_sequence_continues_across_restarts(
     assert messages[second_start].routing_key.endswith("publisher.capabilities")
 
 
-def test_unroutable_messages_are_kept_in_the_alternate_exchange_queue(
+def test_a_policys_alternate_exchange_keeps_unroutable_messages(
     amqp_url: str, exchange: str, publisher_factory: Callable[..., RunningPublisher]
 ) -> None:
-    publisher = publisher_factory()  # nothing is bound to the exchange
-    xml, _ = domain_xml("vm-unroutable")
-    publisher.conn.defineXML(xml)
-    broker = publisher.daemon.broker
-    assert broker is not None
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = connection.channel()
-    kept: list[str] = []
-    try:
-        deadline = time.monotonic() + 15
-        while f"v1.{HOST_ID}.domain.defined.added" not in kept and time.monotonic() < deadline:
-            method, _props, _body = channel.basic_get(f"{exchange}.unroutable", auto_ack=True)
-            if method is None:
-                connection.sleep(0.05)
-            else:
-                kept.append(method.routing_key)
-    finally:
-        connection.close()
+    """virtpub declares the exchange without arguments; the README's policy names its
+    `<exchange>.unroutable`, which virtpub declares with its queue."""
+    with alternate_exchange_policy(exchange):
+        publisher = publisher_factory()  # nothing is bound to the exchange
+        xml, _ = domain_xml("vm-unroutable")
+        publisher.conn.defineXML(xml)
+        broker = publisher.daemon.broker
+        assert broker is not None
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        channel = connection.channel()
+        kept: list[str] = []
+        try:
+            deadline = time.monotonic() + 15
+            while f"v1.{HOST_ID}.domain.defined.added" not in kept and time.monotonic() < deadline:
+                method, _props, _body = channel.basic_get(f"{exchange}.unroutable", auto_ack=True)
+                if method is None:
+                    connection.sleep(0.05)
+                else:
+                    kept.append(method.routing_key)
+        finally:
+            connection.close()
     assert kept[0] == f"v1.{HOST_ID}.publisher.capabilities"
     assert kept[-2:] == [f"v1.{HOST_ID}.domain.added.defined", f"v1.{HOST_ID}.domain.defined.added"]
     assert f"v1.{HOST_ID}.publisher.snapshot.end" in kept
@@ -262,20 +274,21 @@ def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
     tmp_path: Path,
     publisher_factory: Callable[..., RunningPublisher],
 ) -> None:
-    """With the alternate exchange's queue gone, the broker returns the message and then
-    acks it: virtpub must keep its copy instead of deleting it with the ack."""
-    publisher = publisher_factory()  # nothing is bound to the exchange
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    connection.channel().queue_delete(f"{exchange}.unroutable")
-    connection.close()
-    xml, dom_uuid = domain_xml("vm-returned")
-    publisher.conn.defineXML(xml)
-    broker = publisher.daemon.broker
-    assert broker is not None
-    deadline = time.monotonic() + 15
-    while broker.returned < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert publisher.stop() == 0
+    """With the policy's alternate exchange's queue gone, the broker returns the message and
+    then acks it: virtpub must keep its copy instead of deleting it with the ack."""
+    with alternate_exchange_policy(exchange):
+        publisher = publisher_factory()  # nothing is bound to the exchange
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection.channel().queue_delete(f"{exchange}.unroutable")
+        connection.close()
+        xml, dom_uuid = domain_xml("vm-returned")
+        publisher.conn.defineXML(xml)
+        broker = publisher.daemon.broker
+        assert broker is not None
+        deadline = time.monotonic() + 15
+        while broker.returned < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert publisher.stop() == 0
     spool = Spool(tmp_path / "state" / "spool.sqlite3")
     try:
         kept = spool.returned()
@@ -291,6 +304,40 @@ def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
     for message, _code, _text in kept:
         assert json.loads(message.body)["subject"] == dom_uuid
         assert message.basic_properties().message_id == json.loads(message.body)["id"]
+
+
+def test_without_an_alternate_exchange_unroutable_messages_are_returned_kept_and_counted(
+    tmp_path: Path,
+    publisher_factory: Callable[..., RunningPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No policy and no binding: every message comes back (mandatory), is kept in the
+    spool's returned table and counted, and only the first one is explained in the log."""
+    caplog.set_level(logging.WARNING, logger="publisher.broker")
+    publisher = publisher_factory()
+    xml, dom_uuid = domain_xml("vm-no-alternate")
+    run_lifecycle(publisher.conn, xml)
+    broker = publisher.daemon.broker
+    assert broker is not None
+    deadline = time.monotonic() + 15
+    # Startup: capabilities, the resync of the one domain `test` (added, defined, started)
+    # and its snapshot bracket (begin, entry, end); then the lifecycle's eight.
+    while broker.returned < 7 + 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert publisher.stop() == 0
+    spool = Spool(tmp_path / "state" / "spool.sqlite3")
+    try:
+        kept = spool.returned()
+        assert spool.count() == 0, "a returned message is acked: nothing left to resend"
+    finally:
+        spool.close()
+    assert broker.counts()["returned"] == broker.returned == broker.published == len(kept)
+    assert [m.sequence for m, _code, _text in kept] == list(range(1, len(kept) + 1))
+    assert kept[0][0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
+    assert sum(json.loads(m.body).get("subject") == dom_uuid for m, _c, _t in kept) == 8
+    explained = [r.getMessage() for r in caplog.records if "returned message" in r.getMessage()]
+    assert len(explained) == 1, explained
+    assert "no alternate exchange" in explained[0] and kept[0][0].id in explained[0]
 
 
 def test_lifecycle_types_a_backend_lacks_are_polled(

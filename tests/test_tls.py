@@ -41,9 +41,7 @@ def test_client_certificate_logs_in_by_external_and_publishes(
     exchange = f"tls-{uuid.uuid4().hex[:8]}"
     connection = pika.BlockingConnection(pika.URLParameters(tls_node.url()))
     channel = connection.channel()
-    channel.exchange_declare(
-        exchange, "topic", durable=True, arguments={"alternate-exchange": f"{exchange}.unroutable"}
-    )
+    channel.exchange_declare(exchange, "topic", durable=True)
     queue = channel.queue_declare("", exclusive=True).method.queue
     channel.queue_bind(queue, exchange, "#")
     process = run(
