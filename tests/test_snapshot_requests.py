@@ -1,0 +1,266 @@
+"""Snapshot on request, and the requests channel under a closing channel and a held queue.
+
+Against the shared broker, with in-process publishers on `test:///default` (the real daemon,
+so a test can change domains through the connection the driver watches).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+
+from publisher.inbox import Inbox
+from publisher.requests import CapabilityResponder, requests_exchange
+from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
+from tests.test_publish_test_driver import domain_xml
+
+VIRTPUB = [sys.executable, "-m", "publisher"]
+
+
+def virtpub(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VIRTPUB, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def brackets(messages: list[Any], request_id: str | None = None) -> list[dict[str, Any]]:
+    """The snapshot begin/end bodies received, of one request if `request_id` is given."""
+    return [
+        m.body
+        for m in messages
+        if m.body["type"] == "org.virtpub.publisher.snapshot"
+        and (request_id is None or m.body["data"].get("request_id") == request_id)
+    ]
+
+
+def test_snapshot_command_gets_a_fresh_bracket_with_its_request_id(
+    amqp_url: str,
+    exchange: str,
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    consumer = consumer_factory("v1.*.publisher.snapshot.#", "v1.*.domain.#")
+    publisher = publisher_factory()
+    consumer.collect(lambda m: any(b["data"]["phase"] == "end" for b in brackets(m)))
+    dom = publisher.conn.defineXML(domain_xml("vm-requested")[0])
+    consumer.collect(lambda m: any(x.body["data"].get("event") == "added" for x in m))
+    started = time.monotonic()
+    result = virtpub("snapshot", "--amqp-url", amqp_url, "--exchange", exchange, "--host", HOST_ID)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    backend = publisher.drivers[0].backend
+    assert result.stdout.splitlines() == [f"{HOST_ID}  {backend}  2 domain(s)"]
+    assert result.stderr == ""
+    assert took < 20, f"the command took {took:.1f} s"
+
+    begin, end = [b for b in brackets(consumer.quiet(0.5)) if b["data"]["reason"] == "requested"]
+    request_id = begin["data"]["request_id"]
+    assert uuid.UUID(request_id)
+    assert (begin["data"]["phase"], end["data"]["phase"]) == ("begin", "end")
+    assert end["data"]["request_id"] == request_id
+    assert end["data"]["snapshot_id"] == begin["data"]["snapshot_id"]
+    inside = [
+        m.body["data"]["domain"]["name"]
+        for m in consumer.messages
+        if begin["sequence"] < m.body["sequence"] < end["sequence"]
+    ]
+    assert sorted(inside) == sorted(["test", dom.name()])
+    for message in consumer.messages:
+        assert_valid(message)
+
+    # Without --host, the hosts to wait for are those that answer capabilities.
+    result = virtpub("snapshot", "--amqp-url", amqp_url, "--exchange", exchange)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{HOST_ID}  {backend}  2 domain(s)"]
+    ids = {b["data"].get("request_id") for b in brackets(consumer.quiet(0.5))}
+    assert len(ids - {None, request_id}) == 1, "a second request, with an id of its own"
+    assert publisher.daemon.broker is not None
+
+
+def test_snapshot_command_fails_in_one_line_for_a_host_that_does_not_answer(
+    amqp_url: str, exchange: str, publisher_factory: Callable[..., RunningPublisher]
+) -> None:
+    asked = ["snapshot", "--amqp-url", amqp_url, "--exchange", exchange]
+    result = virtpub(*asked)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"virtpub snapshot: no publisher has ever served requests on exchange {exchange!r}"
+        f" ({exchange}.requests does not exist)"
+    ]
+    publisher_factory()
+    result = virtpub(*asked, "--host", HOST_ID, "--host", "nosuchhost", "--discovery-timeout", "1")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "virtpub snapshot: no answer from host 'nosuchhost' within 1 s"
+    ]
+    assert len(result.stdout.splitlines()) == 1, "the host that answered still snapshots"
+
+
+# -- the responder on an I/O loop of the test's own --------------------------------------------
+
+
+class IOThread:
+    """A SelectConnection run on a thread of its own, as the broker's I/O thread runs one;
+    whatever a callback raises ends the loop and is kept in `error`."""
+
+    def __init__(self, url: str) -> None:
+        self.error: BaseException | None = None
+        self._opened = threading.Event()
+        self.connection = pika.SelectConnection(
+            pika.URLParameters(url),
+            on_open_callback=lambda _c: self._opened.set(),
+            on_open_error_callback=lambda _c, err: self._fail(err),
+            on_close_callback=lambda c, _reason: c.ioloop.stop(),
+        )
+        self._thread = threading.Thread(target=self._run, name="test-io", daemon=True)
+        self._thread.start()
+        assert self._opened.wait(10), f"no connection: {self.error}"
+
+    def _fail(self, err: BaseException) -> None:
+        self.error = err
+        self._opened.set()
+        self.connection.ioloop.stop()
+
+    def _run(self) -> None:
+        try:
+            self.connection.ioloop.start()
+        except BaseException as err:  # kept for the test to assert on
+            self.error = err
+
+    def call(self, callback: Callable[[], None]) -> None:
+        self.connection.ioloop.add_callback_threadsafe(callback)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.call(self.connection.close)
+            self._thread.join(10)
+
+
+@pytest.fixture
+def io_thread(amqp_url: str) -> Iterator[IOThread]:
+    thread = IOThread(amqp_url)
+    yield thread
+    thread.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `condition` held; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def closing_after(step: str) -> tuple[type[CapabilityResponder], threading.Event]:
+    """A responder whose channel starts closing right after `step` sent its next request,
+    so that request's reply arrives on a closing channel (as when the connection closes).
+    The event is set once it closed the channel."""
+    original = getattr(CapabilityResponder, step)
+    closed = threading.Event()
+
+    def step_then_close(self: Any, arg: Any) -> None:
+        original(self, arg)
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            channel.close()
+            closed.set()
+
+    return type(f"ClosingAfter_{step}", (CapabilityResponder,), {step: step_then_close}), closed
+
+
+@pytest.mark.parametrize(
+    "step", ["on_channel_open", "on_exchange_declareok", "on_queue_declareok", "on_bindok"]
+)
+def test_every_step_tolerates_its_channel_closing_meanwhile(
+    exchange: str, io_thread: IOThread, step: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    responder_class, closed = closing_after(step)
+    responder = responder_class(exchange, f"closing-{uuid.uuid4().hex[:8]}")
+    io_thread.call(lambda: responder.attach(io_thread.connection))
+    assert closed.wait(10), f"{step} did not run"
+    wait_for(lambda: responder._channel is None, 10, "the request channel closed")
+    time.sleep(0.2)  # any reply still in flight arrives on the closed channel
+    assert io_thread.error is None, f"a step raised into pika: {io_thread.error!r}"
+    assert io_thread.connection.is_open and not responder.serving
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("publisher")
+    ]
+
+    # The connection survived: a responder on it serves.
+    fresh = CapabilityResponder(exchange, f"fresh-{uuid.uuid4().hex[:8]}")
+    io_thread.call(lambda: fresh.attach(io_thread.connection))
+    wait_for(lambda: fresh.serving, 10, "a fresh responder serves")
+    assert io_thread.error is None
+
+
+def test_a_stuck_publisher_makes_the_command_time_out_in_one_line(
+    amqp_url: str, topic: str, io_thread: IOThread
+) -> None:
+    """A publisher that takes the request and never publishes the bracket: the responder is
+    the real one, only the daemon thread behind it is missing (a stuck daemon cannot be
+    made on purpose here)."""
+    host, taken = f"stuck-{uuid.uuid4().hex[:8]}", Inbox[str](1)
+    backend = f"virtpub://{host}/libvirt/test%3A%2F%2F%2Fdefault"
+    responder = CapabilityResponder(topic, host, taken.offer)
+    responder.answer = json.dumps(
+        {"data": {"host_id": host, "backends": [{"source": backend}]}}
+    ).encode()
+    io_thread.call(lambda: responder.attach(io_thread.connection))
+    wait_for(lambda: responder.serving, 10, "the responder serves")
+    asked = ["snapshot", "--amqp-url", amqp_url, "--exchange", topic, "--host", host]
+    result = virtpub(*asked, "--timeout", "1")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"virtpub snapshot: no snapshot end from host {host!r}, backend {backend} within 1 s"
+    ]
+    request_id = taken.take_nowait()
+    assert request_id is not None and uuid.UUID(request_id) and len(taken) == 0
+
+
+def test_requests_are_served_again_once_a_dead_connection_lets_go_of_the_queue(
+    amqp_url: str,
+    exchange: str,
+    publisher_factory: Callable[..., RunningPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a failover the broker keeps the old connection's exclusive queue until it
+    notices that connection is dead. Here another connection holds the queue instead, then
+    lets go: the publisher must retry and serve again, without a restart."""
+    holder = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    queue = f"{requests_exchange(exchange)}.{HOST_ID}"
+    holder.channel().queue_declare(queue, exclusive=True, auto_delete=True)
+    caplog.set_level(logging.INFO, logger="publisher.requests")
+    publisher = publisher_factory()
+    responder = publisher.daemon._responder
+    wait_for(
+        lambda: any("RESOURCE_LOCKED" in r.getMessage() for r in caplog.records),
+        10,
+        "the held queue refused",
+    )
+    asked = ["capabilities", "--amqp-url", amqp_url, "--exchange", exchange, "--host", HOST_ID]
+    refused = virtpub(*asked, "--timeout", "1")
+    assert refused.returncode == 1, "the queue is held: nobody can be serving"
+    time.sleep(2)  # a few retries fail meanwhile
+    holder.close()
+    took = wait_for(lambda: responder.serving, 20, "requests served after the queue was freed")
+    served = virtpub(*asked, "--timeout", "5")
+    assert served.returncode == 0, served.stderr
+    assert took < 12, f"served again {took:.1f} s after the queue was freed"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    warnings = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "publisher.requests"
+    ]
+    assert len(warnings) == 1, "one warning, not one per retry (pika's own are silenced)"
+    print(f"served again {took:.2f} s after the held queue was freed")
