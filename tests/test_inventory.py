@@ -259,6 +259,43 @@ def test_a_publisher_sequence_gap_is_counted_per_host() -> None:
     assert inventory.gaps == 1 and len(inventory.rows()) == 3
 
 
+def test_hosts_with_a_sequence_gap_are_taken_once_each() -> None:
+    """What --watch asks a snapshot of: the hosts whose sequence jumped, not those whose
+    domain seq did (that alone says nothing new of the host), and each host once."""
+    h1, h2 = FakePublisher("node07"), FakePublisher("node08")
+    inventory = applied(h1.publisher("capabilities"), h2.domain(DB, "db", "added"))
+    assert inventory.take_gapped_hosts() == []
+    h1.sequence += 1
+    inventory.apply(*h1.domain(WEB, "web1", "added"))
+    h1.sequence += 2
+    inventory.apply(*h1.domain(WEB, "web1", "suspended", state="paused"))
+    h2.seqs[DB] = 5  # a domain seq gap, with the host's sequence unbroken
+    inventory.apply(*h2.domain(DB, "db", "resumed"))
+    assert inventory.gaps == 3
+    assert inventory.take_gapped_hosts() == ["node07"]
+    assert inventory.take_gapped_hosts() == []
+    h2.sequence += 1
+    inventory.apply(*h2.domain(DB, "db", "suspended", state="paused"))
+    assert inventory.take_gapped_hosts() == ["node08"]
+
+
+def test_a_requested_snapshot_marks_and_sweeps_like_any_other() -> None:
+    host = FakePublisher("node07")
+    inventory = applied(
+        host.publisher("capabilities"),
+        host.domain(WEB, "web1", "added"),
+        host.domain(DB, "db", "added"),
+    )
+    begin_key, begin = host.snapshot_begin("s2")
+    begin["data"].update(reason="requested", request_id=str(uuid.uuid4()))
+    inventory.apply(begin_key, begin)
+    inventory.apply(*host.domain(WEB, "web1", "snapshot"))
+    end_key, end = host.snapshot_end("s2", domains=1)
+    end["data"].update(reason="requested", request_id=begin["data"]["request_id"])
+    inventory.apply(end_key, end)
+    assert [row.name for row in inventory.rows()] == ["web1"]
+
+
 def test_unknown_and_malformed_messages_are_counted_and_ignored() -> None:
     h = FakePublisher("node07")
     inventory = applied(

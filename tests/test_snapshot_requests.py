@@ -20,6 +20,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from publisher import inventory
 from publisher.inbox import Inbox
 from publisher.requests import CapabilityResponder, requests_exchange
 from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
@@ -264,3 +265,108 @@ def test_requests_are_served_again_once_a_dead_connection_lets_go_of_the_queue(
     ]
     assert len(warnings) == 1, "one warning, not one per retry (pika's own are silenced)"
     print(f"served again {took:.2f} s after the held queue was freed")
+
+
+# -- the inventory closes the loop: gap, request, consistent again ------------------------------
+
+
+class Watch:
+    """`virtpub inventory --watch --json` as a process; its lines collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [*VIRTPUB, "inventory", "--watch", "--json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.tables: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.process.stdout, True), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, False), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, stream: Any, tables: bool) -> None:
+        for line in stream:
+            if tables:
+                self.tables.append(json.loads(line))
+            else:
+                self.errors.append(line.rstrip("\n"))
+
+    def names(self) -> dict[str, str]:
+        """Domain name to state, in the latest table."""
+        return {r["name"]: r["state"] for r in self.tables[-1]["rows"]} if self.tables else {}
+
+    def stop(self) -> int:
+        self.process.terminate()
+        code = self.process.wait(10)
+        for thread in self._threads:
+            thread.join(5)
+        return code
+
+
+def listing(conn: Any) -> dict[str, str]:
+    """libvirt's own view of the host, in the inventory's terms: name to state."""
+    states = {1: "running", 3: "paused", 5: "shutoff"}
+    return {dom.name(): states.get(dom.state()[0], "?") for dom in conn.listAllDomains()}
+
+
+def test_inventory_requests_a_snapshot_on_a_gap_and_ends_consistent(
+    amqp_url: str,
+    exchange: str,
+    consumer_factory: Callable[..., Consumer],
+    publisher_factory: Callable[..., RunningPublisher],
+) -> None:
+    """The inventory's queue misses every domain message for a while (its binding is taken
+    away and given back): the next message shows a gap in the host's sequence, the
+    inventory asks for a snapshot, and the bracket's mark and sweep put the table right."""
+    brackets_seen = consumer_factory("v1.*.publisher.snapshot.#")  # declares the exchange
+    queue = f"virtpub-test-inventory-{uuid.uuid4().hex[:10]}"
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.queue_declare(queue, durable=True)
+    watching: Watch | None = None
+    try:
+        for binding in inventory.BINDINGS:
+            channel.queue_bind(queue, exchange, binding)
+        publisher = publisher_factory()
+        gone = publisher.conn.defineXML(domain_xml("vm-gone")[0])
+        watch = watching = Watch("--amqp-url", amqp_url, "--exchange", exchange, "--queue", queue)
+        wait_for(lambda: set(watch.names()) == {"test", "vm-gone"}, 15, "the first table")
+
+        channel.queue_unbind(queue, exchange, "v1.*.domain.#")
+        gone.undefine()  # removed: missed
+        publisher.conn.defineXML(domain_xml("vm-new")[0])  # added: missed
+        publisher.conn.lookupByName("test").suspend()  # paused: missed
+        broker = publisher.daemon.broker
+        assert broker is not None
+        wait_for(lambda: broker.unconfirmed() == 0, 10, "all confirmed")
+        time.sleep(0.5)  # the broker has routed them past the unbound queue
+        assert set(watch.names()) == {"test", "vm-gone"}, "the inventory missed the changes"
+        channel.queue_bind(queue, exchange, "v1.*.domain.#")
+        publisher.conn.defineXML(domain_xml("vm-after")[0])  # the gap shows here
+
+        expected = listing(publisher.conn)
+        took = wait_for(lambda: watch.names() == expected, 20, f"the table equals {expected}")
+        print(f"consistent again {took:.2f} s after the message that showed the gap")
+        (line,) = watch.errors
+        assert line.startswith(f"virtpub inventory: gap in the sequence of host {HOST_ID!r};")
+        request_id = line.rsplit("(request ", 1)[1].rstrip(")")
+        requested = brackets(brackets_seen.collect(lambda m: len(brackets(m, request_id)) == 2))
+        assert [b["data"]["reason"] for b in requested if b["data"].get("request_id")] == [
+            "requested",
+            "requested",
+        ]
+        final = watch.tables[-1]
+        assert final["gaps"] >= 1 and final["rejected"] == 0
+        assert publisher.daemon._responder.snapshots_requested == 1
+        watching = None
+        assert watch.stop() == 0
+    finally:
+        if watching is not None:
+            watching.stop()
+        channel.queue_delete(queue)
+        connection.close()
