@@ -130,11 +130,12 @@ class Inventory:
         self._snapshots: dict[Key, _Snapshot] = {}
         self._seen_ids: set[str] = set()
         self._seen_order: collections.deque[str] = collections.deque()
-        self._gapped: list[str] = []
+        self._gapped: dict[str, None] = {}
+        """Hosts, in the order their gaps came: one entry per host, however many gaps."""
 
     def take_gapped_hosts(self) -> list[str]:
         """The hosts whose `sequence` had a gap since the last call, each once."""
-        hosts, self._gapped = list(dict.fromkeys(self._gapped)), []
+        hosts, self._gapped = list(self._gapped), {}
         return hosts
 
     def rows(self) -> list[Row]:
@@ -184,7 +185,7 @@ class Inventory:
         previous = self._sequences.get(host)
         if previous is not None and sequence != previous + 1:
             self.gaps += 1
-            self._gapped.append(host)
+            self._gapped[host] = None
         self._sequences[host] = sequence
 
     def _apply_domain(self, host: str, message: _DomainMessage) -> None:
