@@ -18,6 +18,7 @@ from typing import Any
 import click
 import orjson
 import pika
+import pika.exceptions
 
 from publisher import schemas
 from publisher.envelope import routing_key
@@ -120,7 +121,8 @@ class SnapshotRequester:
     def request(self, host: str) -> str | None:
         """The new request's id, or None if `host` was asked less than `interval` ago.
 
-        Raises BrokerError if no publisher serves requests on the exchange.
+        Raises BrokerError if no publisher serves requests on the exchange, or the broker
+        refuses this user the requests exchange; the reading channel is not affected.
         """
         now = time.monotonic()
         if now - self._asked.get(host, -self._interval) < self._interval:
@@ -128,7 +130,10 @@ class SnapshotRequester:
         self._asked[host] = now
         if self._channel is None or not self._channel.is_open:
             self._channel = self._connection.channel()
-        check_requests_exchange(self._channel, self._exchange)
+        try:
+            check_requests_exchange(self._channel, self._exchange)
+        except pika.exceptions.ChannelClosedByBroker as err:
+            raise BrokerError(f"the broker refused: {err.reply_text}") from None
         request_id = str(uuid.uuid4())
         request_snapshot(self._channel, self._exchange, host, request_id)
         return request_id

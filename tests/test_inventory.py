@@ -483,3 +483,63 @@ def test_command_errors_are_one_line_and_exit_1(
     assert len(lines) == 1 and lines[0].startswith("virtpub inventory: "), result.stderr
     assert says in lines[0]
     assert "wrongsecret" not in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.broker
+def test_a_gap_asks_for_a_snapshot_and_carries_on_when_nobody_serves_requests(
+    amqp_url: str, topic: str
+) -> None:
+    """Hand-made messages with a gap in node07's sequence: with no requests exchange the
+    inventory says in one line why it cannot ask, and goes on; once the exchange exists,
+    the request goes out as `virtpub snapshot` sends it (seen by a queue of the test's own)."""
+    lines: list[str] = []
+
+    def run_with_gap() -> Inventory:
+        host = FakePublisher("node07")
+        messages = [host.publisher("capabilities", backends={})]
+        host.sequence += 2
+        messages.append(host.domain(WEB, "web1", "added"))
+        ready = threading.Event()
+        result: list[Inventory] = []
+
+        def run() -> None:
+            result.append(
+                consume(
+                    (amqp_url,),
+                    topic,
+                    on_change=lambda _inventory: None,
+                    idle_timeout=1.0,
+                    stop=threading.Event(),
+                    on_ready=lambda _queue: ready.set(),
+                    on_snapshot_request=lines.append,
+                )
+            )
+
+        thread = threading.Thread(target=run, name="test-inventory", daemon=True)
+        thread.start()
+        assert ready.wait(10), "the consumer did not bind its queue"
+        publish(amqp_url, topic, messages)
+        thread.join(15)
+        assert not thread.is_alive() and result
+        return result[0]
+
+    inventory = run_with_gap()
+    assert (inventory.gaps, len(inventory.rows())) == (1, 1), "the gap did not stop it"
+    assert lines == [
+        "gap in the sequence of host 'node07'; cannot request a snapshot: no publisher has"
+        f" ever served requests on exchange {topic!r} ({topic}.requests does not exist)"
+    ]
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.exchange_declare(f"{topic}.requests", "topic", durable=True)
+    requests = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(requests, f"{topic}.requests", "snapshot.#")
+    lines.clear()
+    run_with_gap()
+    (line,) = lines
+    assert line.startswith("gap in the sequence of host 'node07'; requested a snapshot (request ")
+    method, properties, _body = channel.basic_get(requests, auto_ack=True)
+    connection.close()
+    assert method is not None and method.routing_key == "snapshot.node07"
+    assert line.endswith(f"(request {properties.correlation_id})")
