@@ -287,7 +287,9 @@ def snapshot_command(
     Which publishers to wait for: the command first asks for capabilities, as `virtpub
     capabilities` does (the named hosts, or every publisher that answers within
     --discovery-timeout), and then waits for the end of each backend those answers list.
-    It prints one line per backend as its end arrives.
+    It prints one line per backend as its end arrives. A backend its publisher cannot
+    list at that moment (its hypervisor unreachable) sends no bracket: it is reported
+    missing once --timeout has passed.
 
     Exit codes: 0 every asked backend's end arrived, 1 a host did not answer, an end did
     not arrive within --timeout, no publisher answered, or the broker failed.
