@@ -20,7 +20,7 @@ from drivers.filesystem import FilesystemDriver
 from drivers.libvirt_domain import LibvirtDomainDriver
 from publisher import __version__
 from publisher.archive import archive_group
-from publisher.ask import ask
+from publisher.ask import ask, snapshot_command
 from publisher.ask import table as capability_table
 from publisher.asyncapi import asyncapi_command
 from publisher.config import (
@@ -202,6 +202,7 @@ def main() -> None:
       virtpub run               the daemon (see: virtpub run --help)
       virtpub inventory         every host's domains, rebuilt from the exchange alone
       virtpub capabilities      what every running publisher's backends emit, and from where
+      virtpub snapshot          ask the running publishers for a fresh snapshot, now
       virtpub tail              watch the exchange live, one line per event
       virtpub archive           an audit archive of everything, with a gap check
     """
@@ -269,6 +270,7 @@ main.add_command(inventory_command)
 main.add_command(asyncapi_command)
 main.add_command(tail_command)
 main.add_command(archive_group)
+main.add_command(snapshot_command)
 
 
 @main.command()

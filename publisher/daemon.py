@@ -42,6 +42,8 @@ BROKER_BACKLOG = 2_000
 """Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
 READY_LIMIT = 2_000
 """Messages just spooled and kept in memory for the broker, beyond BROKER_BACKLOG."""
+SNAPSHOT_REQUESTS_WAITING = 16
+"""Snapshot requests taken from the broker and not yet served; more are refused (and counted)."""
 DROP_REPORT_INTERVAL_S = 1.0
 """At most one publisher.dropped (and the snapshot after it) per interval under sustained loss."""
 FIRST_CONNECT_WAIT_S = 10.0
@@ -53,6 +55,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 DropReason = Literal["queue_full", "spool_full"]
+SnapshotReason = Literal["startup", "reconnect", "dropped", "requested"]
 
 
 class Daemon:
@@ -69,6 +72,8 @@ class Daemon:
         self._on_confirmed = on_confirmed
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._inbox: Inbox[Signal] = Inbox(INBOX_LIMIT)
+        self._snapshot_requests: Inbox[str] = Inbox(SNAPSHOT_REQUESTS_WAITING)
+        """Ids of snapshot requests, handed over from the broker's I/O thread."""
         self._ready: collections.deque[OutgoingMessage] = collections.deque()
         """Spooled messages not yet handed to the broker, kept so they need not be read back."""
         self._envelope = Envelope(settings.host_id)
@@ -116,7 +121,9 @@ class Daemon:
         self._sequence = spool.last_sequence()
         known = spool.domains()
         self._trackers = {b: Tracker(b, known.get(b)) for b in self._drivers}
-        self._responder = CapabilityResponder(self.settings.exchange, self.settings.host_id)
+        self._responder = CapabilityResponder(
+            self.settings.exchange, self.settings.host_id, self._snapshot_requests.offer
+        )
         broker = self.broker = Broker(
             self.settings,
             spool,
@@ -197,6 +204,7 @@ class Daemon:
                 stop.wait(0.05)
             else:
                 self._report_drops(spool)
+                self._serve_snapshot_request()
                 self._poll_due(time.monotonic())
                 behind = self._handed < self._sequence
                 signal = self._inbox.take(timeout=0.01 if behind else 0.2)
@@ -375,10 +383,12 @@ class Daemon:
     def _resync(
         self,
         driver: Driver,
-        reason: Literal["startup", "reconnect", "dropped"],
+        reason: SnapshotReason,
         listing: list[DomainFacts],
+        request_id: str | None = None,
     ) -> None:
         """After a blind gap: publishes the transitions missed, then a snapshot of every domain.
+        On request, the same: the bracket then carries the request's id.
 
         The listing is taken right after the backend subscribed, and applied before
         any event queued since: records kept from before the gap are stale, and an
@@ -395,12 +405,30 @@ class Daemon:
             "snapshot_id": snapshot_id,
             "reason": reason,
         }
+        if request_id is not None:
+            bracket["request_id"] = request_id
         self._add_publisher("snapshot", {**bracket, "phase": "begin"}, now, "begin")
         entries = tracker.snapshot(listing, now)
         self._add_domain(entries)
         end: dict[str, JSONValue] = {**bracket, "phase": "end", "domains": len(entries)}
         self._add_publisher("snapshot", end, now, "end")
         self._next_poll[driver.backend] = time.monotonic() + driver.poll_interval
+
+    def _serve_snapshot_request(self) -> None:
+        """A bracket of every backend, from fresh listings, for one consumer's request.
+
+        Records are current here (not stale as after a gap): queued events first, so the
+        listing is compared with what they already told.
+        """
+        request_id = self._snapshot_requests.take_nowait()
+        if request_id is None:
+            return
+        self._take_queued(INBOX_LIMIT)
+        log.info("snapshot requested (request %s)", request_id)
+        for driver in self.drivers:
+            listing = self._list(driver)
+            if listing is not None:
+                self._resync(driver, "requested", listing, request_id)
 
     def _poll_due(self, now: float) -> None:
         for driver in self.drivers:

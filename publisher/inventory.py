@@ -5,7 +5,9 @@ Every domain message carries the domain's name, state and persistence after the 
 the view is a table keyed by (host, domain UUID) that each message overwrites and `removed`
 deletes. A queue only sees messages published after it exists; the publisher's snapshot (at
 startup and on each reconnect to libvirt) fills the table in, and its mark and sweep drops the rows
-of domains that vanished while nobody was listening.
+of domains that vanished while nobody was listening. A gap in a host's `sequence` means the table
+may be wrong about that host: in --watch, the inventory then asks that host's publisher for a
+snapshot (`virtpub snapshot`'s request), whose bracket marks and sweeps it consistent again.
 
 `Inventory` is pure (no I/O) so the rules are testable message by message; `consume` feeds it
 from RabbitMQ and `inventory_command` is the `virtpub inventory` command line.
@@ -25,6 +27,7 @@ from typing import Any
 
 import click
 
+from publisher.ask import SnapshotRequester
 from publisher.tail import (
     BrokerError,
     amqp_options,
@@ -34,7 +37,8 @@ from publisher.tail import (
     stop_on_signals,
 )
 
-BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#")
+BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#", "v1.*.config.#")
+"""Every message a publisher sends, so that a gap in `sequence` always means a lost one."""
 ROUTING_KEY_PREFIX = "v1"
 
 # Resends after a lost confirm are at most the publisher's in-flight window (1,000) apart
@@ -47,6 +51,9 @@ PREFETCH = 500
 POLL_S = 0.25
 # During a steady stream `on_change` still runs this often, so --watch never freezes.
 MAX_CHANGE_DELAY_S = 1.0
+# A host whose sequence has gaps is asked for a snapshot at most this often: its bracket
+# needs time to arrive, and one that keeps losing messages must not be asked in a loop.
+SNAPSHOT_REQUEST_INTERVAL_S = 10.0
 
 Key = tuple[str, str]
 
@@ -123,6 +130,13 @@ class Inventory:
         self._snapshots: dict[Key, _Snapshot] = {}
         self._seen_ids: set[str] = set()
         self._seen_order: collections.deque[str] = collections.deque()
+        self._gapped: dict[str, None] = {}
+        """Hosts, in the order their gaps came: one entry per host, however many gaps."""
+
+    def take_gapped_hosts(self) -> list[str]:
+        """The hosts whose `sequence` had a gap since the last call, each once."""
+        hosts, self._gapped = list(self._gapped), {}
+        return hosts
 
     def rows(self) -> list[Row]:
         return sorted(self._rows.values(), key=lambda row: (row.host, row.name, row.uuid))
@@ -171,6 +185,7 @@ class Inventory:
         previous = self._sequences.get(host)
         if previous is not None and sequence != previous + 1:
             self.gaps += 1
+            self._gapped[host] = None
         self._sequences[host] = sequence
 
     def _apply_domain(self, host: str, message: _DomainMessage) -> None:
@@ -333,6 +348,7 @@ def consume(
     stop: threading.Event,
     queue: str | None = None,
     on_ready: Callable[[str], None] | None = None,
+    on_snapshot_request: Callable[[str], None] | None = None,
 ) -> Inventory:
     """Applies messages until `idle_timeout` seconds pass without one (None: until `stop`).
 
@@ -342,6 +358,10 @@ def consume(
     so the queue must be the inventory's own. `on_ready(queue name)` runs once messages
     will be received; `on_change` runs after the table changed and the queue went quiet
     for `POLL_S`, or at least every `MAX_CHANGE_DELAY_S` during a steady stream.
+
+    With `on_snapshot_request`, a gap in a host's `sequence` asks that host's publisher for a
+    snapshot (at most once per `SNAPSHOT_REQUEST_INTERVAL_S`), and `on_snapshot_request` gets
+    one line saying so, or why no request could be sent.
 
     Reads from the first of `urls` whose broker answers; raises BrokerError.
     """
@@ -361,6 +381,7 @@ def consume(
         channel.basic_consume(name, on_message, auto_ack=queue is None)
         if on_ready is not None:
             on_ready(name)
+        requester = SnapshotRequester(connection, exchange, SNAPSHOT_REQUEST_INTERVAL_S)
         notified, notified_at = inventory.changes, time.monotonic()
         while not stop.is_set():
             limit = POLL_S
@@ -372,12 +393,28 @@ def consume(
             received = inventory.messages
             connection.process_data_events(time_limit=limit)
             quiet = inventory.messages == received
+            if on_snapshot_request is not None:
+                for host in inventory.take_gapped_hosts():
+                    line = _request_snapshot(requester, host)
+                    if line is not None:
+                        on_snapshot_request(line)
             if inventory.changes != notified and (
                 quiet or time.monotonic() - notified_at >= MAX_CHANGE_DELAY_S
             ):
                 on_change(inventory)
                 notified, notified_at = inventory.changes, time.monotonic()
     return inventory
+
+
+def _request_snapshot(requester: SnapshotRequester, host: str) -> str | None:
+    """Asks for `host`'s snapshot; one line for the operator, or None if asked just now."""
+    try:
+        request_id = requester.request(host)
+    except BrokerError as err:
+        return f"gap in the sequence of host {host!r}; cannot request a snapshot: {err}"
+    if request_id is None:
+        return None
+    return f"gap in the sequence of host {host!r}; requested a snapshot (request {request_id})"
 
 
 def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> str:
@@ -409,7 +446,12 @@ def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> s
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (one object per line with --watch)."
 )
-@click.option("--watch", is_flag=True, help="Stay live and reprint on every change until Ctrl-C.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Stay live and reprint on every change until Ctrl-C; on a gap in a host's sequence,"
+    " ask that host for a snapshot.",
+)
 @click.option(
     "--idle",
     type=click.FloatRange(min=0, min_open=True),
@@ -433,10 +475,13 @@ def inventory_command(
     in with each publisher's next snapshot, which a publisher sends when it starts and
     whenever it reconnects to its hypervisor; until then it shows only domains that had an event.
     To start from a complete table, keep a durable queue bound to the exchange with
-    `v1.*.domain.#` and `v1.*.publisher.#` and read it with --queue.
+    `v1.*.domain.#`, `v1.*.publisher.#` and `v1.*.config.#` and read it with --queue.
 
     The last line counts messages, gaps (missed messages: the table may be stale until the
     next snapshot), duplicates (resends, skipped), rejected (unreadable) and ignored ones.
+    With --watch, a gap in a host's sequence asks that host's publisher for a snapshot at
+    once (as `virtpub snapshot --host` does, at most every 10 s per host; one line on
+    stderr says so), and its bracket makes the table consistent again.
 
     Exit codes: 0 done, 1 broker unreachable, credentials refused, or queue or exchange
     missing.
@@ -450,6 +495,9 @@ def inventory_command(
             click.clear()
             click.echo(render_table(inventory))
 
+    def report(line: str) -> None:
+        click.echo(f"virtpub inventory: {line}", err=True)
+
     try:
         with stop_on_signals(stop):
             inventory = consume(
@@ -459,6 +507,7 @@ def inventory_command(
                 idle_timeout=None if watch else idle,
                 stop=stop,
                 queue=queue,
+                on_snapshot_request=report if watch else None,
             )
     except BrokerError as err:
         click.echo(f"virtpub inventory: {err}", err=True)

@@ -604,6 +604,7 @@ def test_capabilities_schema_requires_a_positive_interval_for_polled_events(
 # --- snapshot brackets and backend connection messages ---------------------------------------
 
 SNAPSHOT_ID = "0d5c2a8e-7b4f-4c1e-9a3d-6f2b8e1c4a70"
+REQUEST_ID = "6a1f3c9e-2d4b-4e8a-b7c5-0f9e8d7c6b5a"
 
 
 def snapshot_message(phase: str, **extra: Any) -> OutgoingMessage:
@@ -629,10 +630,21 @@ def backend_message(connected: bool) -> OutgoingMessage:
     [
         (snapshot_message("begin"), schemas.PUBLISHER_SNAPSHOT, "begin"),
         (snapshot_message("end", domains=2), schemas.PUBLISHER_SNAPSHOT, "end"),
+        (
+            snapshot_message("end", domains=0, reason="requested", request_id=REQUEST_ID),
+            schemas.PUBLISHER_SNAPSHOT,
+            "end",
+        ),
         (backend_message(True), schemas.PUBLISHER_BACKEND, "connected"),
         (backend_message(False), schemas.PUBLISHER_BACKEND, "disconnected"),
     ],
-    ids=["snapshot-begin", "snapshot-end", "backend-connected", "backend-disconnected"],
+    ids=[
+        "snapshot-begin",
+        "snapshot-end",
+        "snapshot-requested",
+        "backend-connected",
+        "backend-disconnected",
+    ],
 )
 def test_publisher_event_with_detail(message: OutgoingMessage, name: str, detail: str) -> None:
     info = schemas.info(name)
@@ -662,8 +674,20 @@ def test_publisher_event_with_detail(message: OutgoingMessage, name: str, detail
         snapshot_message("begin", reason="boredom"),
         snapshot_message("begin", snapshot_id="not-a-uuid"),
         snapshot_message("end", domains=-1),
+        snapshot_message("begin", reason="requested"),  # a requested bracket names its request
+        snapshot_message("begin", request_id=REQUEST_ID),  # only a requested one has an id
+        snapshot_message("begin", reason="requested", request_id="not-a-uuid"),
     ],
-    ids=["end-without-count", "phase", "reason", "snapshot_id", "negative-count"],
+    ids=[
+        "end-without-count",
+        "phase",
+        "reason",
+        "snapshot_id",
+        "negative-count",
+        "requested-without-id",
+        "id-without-request",
+        "request_id",
+    ],
 )
 def test_snapshot_schema_rejects_a_wrong_bracket(message: OutgoingMessage) -> None:
     with pytest.raises(jsonschema.ValidationError):

@@ -259,6 +259,43 @@ def test_a_publisher_sequence_gap_is_counted_per_host() -> None:
     assert inventory.gaps == 1 and len(inventory.rows()) == 3
 
 
+def test_hosts_with_a_sequence_gap_are_taken_once_each() -> None:
+    """What --watch asks a snapshot of: the hosts whose sequence jumped, not those whose
+    domain seq did (that alone says nothing new of the host), and each host once."""
+    h1, h2 = FakePublisher("node07"), FakePublisher("node08")
+    inventory = applied(h1.publisher("capabilities"), h2.domain(DB, "db", "added"))
+    assert inventory.take_gapped_hosts() == []
+    h1.sequence += 1
+    inventory.apply(*h1.domain(WEB, "web1", "added"))
+    h1.sequence += 2
+    inventory.apply(*h1.domain(WEB, "web1", "suspended", state="paused"))
+    h2.seqs[DB] = 5  # a domain seq gap, with the host's sequence unbroken
+    inventory.apply(*h2.domain(DB, "db", "resumed"))
+    assert inventory.gaps == 3
+    assert inventory.take_gapped_hosts() == ["node07"]
+    assert inventory.take_gapped_hosts() == []
+    h2.sequence += 1
+    inventory.apply(*h2.domain(DB, "db", "suspended", state="paused"))
+    assert inventory.take_gapped_hosts() == ["node08"]
+
+
+def test_a_requested_snapshot_marks_and_sweeps_like_any_other() -> None:
+    host = FakePublisher("node07")
+    inventory = applied(
+        host.publisher("capabilities"),
+        host.domain(WEB, "web1", "added"),
+        host.domain(DB, "db", "added"),
+    )
+    begin_key, begin = host.snapshot_begin("s2")
+    begin["data"].update(reason="requested", request_id=str(uuid.uuid4()))
+    inventory.apply(begin_key, begin)
+    inventory.apply(*host.domain(WEB, "web1", "snapshot"))
+    end_key, end = host.snapshot_end("s2", domains=1)
+    end["data"].update(reason="requested", request_id=begin["data"]["request_id"])
+    inventory.apply(end_key, end)
+    assert [row.name for row in inventory.rows()] == ["web1"]
+
+
 def test_unknown_and_malformed_messages_are_counted_and_ignored() -> None:
     h = FakePublisher("node07")
     inventory = applied(
@@ -446,3 +483,63 @@ def test_command_errors_are_one_line_and_exit_1(
     assert len(lines) == 1 and lines[0].startswith("virtpub inventory: "), result.stderr
     assert says in lines[0]
     assert "wrongsecret" not in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.broker
+def test_a_gap_asks_for_a_snapshot_and_carries_on_when_nobody_serves_requests(
+    amqp_url: str, topic: str
+) -> None:
+    """Hand-made messages with a gap in node07's sequence: with no requests exchange the
+    inventory says in one line why it cannot ask, and goes on; once the exchange exists,
+    the request goes out as `virtpub snapshot` sends it (seen by a queue of the test's own)."""
+    lines: list[str] = []
+
+    def run_with_gap() -> Inventory:
+        host = FakePublisher("node07")
+        messages = [host.publisher("capabilities", backends={})]
+        host.sequence += 2
+        messages.append(host.domain(WEB, "web1", "added"))
+        ready = threading.Event()
+        result: list[Inventory] = []
+
+        def run() -> None:
+            result.append(
+                consume(
+                    (amqp_url,),
+                    topic,
+                    on_change=lambda _inventory: None,
+                    idle_timeout=1.0,
+                    stop=threading.Event(),
+                    on_ready=lambda _queue: ready.set(),
+                    on_snapshot_request=lines.append,
+                )
+            )
+
+        thread = threading.Thread(target=run, name="test-inventory", daemon=True)
+        thread.start()
+        assert ready.wait(10), "the consumer did not bind its queue"
+        publish(amqp_url, topic, messages)
+        thread.join(15)
+        assert not thread.is_alive() and result
+        return result[0]
+
+    inventory = run_with_gap()
+    assert (inventory.gaps, len(inventory.rows())) == (1, 1), "the gap did not stop it"
+    assert lines == [
+        "gap in the sequence of host 'node07'; cannot request a snapshot: no publisher has"
+        f" ever served requests on exchange {topic!r} ({topic}.requests does not exist)"
+    ]
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.exchange_declare(f"{topic}.requests", "topic", durable=True)
+    requests = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(requests, f"{topic}.requests", "snapshot.#")
+    lines.clear()
+    run_with_gap()
+    (line,) = lines
+    assert line.startswith("gap in the sequence of host 'node07'; requested a snapshot (request ")
+    method, properties, _body = channel.basic_get(requests, auto_ack=True)
+    connection.close()
+    assert method is not None and method.routing_key == "snapshot.node07"
+    assert line.endswith(f"(request {properties.correlation_id})")
