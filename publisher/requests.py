@@ -73,8 +73,8 @@ class CapabilityResponder:
     """Serves capabilities and snapshot requests on the broker's I/O thread.
 
     Each AMQP step is a method: the exchange declared or found (`ExchangeSetup`) ->
-    on_exchange_ready -> declare queue -> on_queue_declareok -> bind each key -> on_bindok -> consume ->
-    on_consumeok. The channel may close between two steps (its connection closing, a
+    on_exchange_ready -> declare queue -> on_queue_declareok -> bind each key -> on_bindok
+    -> consume -> on_consumeok. The channel may close between two steps (its connection closing, a
     refusal), so each step first checks that the channel it continues is still open.
     `answer` is set from the daemon thread.
     """
