@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pika
 
+from publisher.config import BrokerSettings
 from publisher.requests import ALL_HOSTS, REPLY_PREFIX, request_key, requests_exchange
 from publisher.tail import missing_means, session
 
@@ -17,18 +18,17 @@ MARK = {"native": "native", "derived": "derived", "polled": "polled",
         "filesystem": "files", "unsupported": "-"}  # fmt: skip
 
 
-def ask(
-    urls: tuple[str, ...], exchange: str, hosts: Sequence[str], timeout: float
-) -> list[dict[str, Any]]:
+def ask(broker: BrokerSettings, hosts: Sequence[str], timeout: float) -> list[dict[str, Any]]:
     """The capabilities messages of the publishers that answered within `timeout`.
 
     With no hosts named, every publisher is asked and all answers within the
     timeout are kept; with hosts named, it returns as soon as each has answered.
-    Asks through the first of `urls` whose broker answers; raises BrokerError.
+    Asks through the first of the broker's URLs that answers; raises BrokerError.
     """
+    exchange = broker.exchange
     correlation = str(uuid.uuid4())
     replies: dict[str, dict[str, Any]] = {}
-    with session(urls) as (connection, _where):
+    with session(broker, "virtpub capabilities") as (connection, _where):
         channel = connection.channel()
         with missing_means(
             f"no publisher has ever served requests on exchange {exchange!r}"
