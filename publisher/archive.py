@@ -39,8 +39,10 @@ from typing import Any
 import click
 import orjson
 
+from publisher.config import BrokerSettings
+from publisher.connection import BrokerError
 from publisher.tail import (
-    BrokerError,
+    EXIT_FAILURE,
     amqp_options,
     check_exchange,
     on_cancel_raise,
@@ -248,8 +250,7 @@ class ArchiveWriter:
 
 
 def run_archiver(
-    urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     *,
     queue: str,
     bindings: tuple[str, ...],
@@ -275,12 +276,12 @@ def run_archiver(
         pending.append((method.routing_key, body))
         last_tag = method.delivery_tag
 
-    with session(urls) as (connection, where):
+    with session(broker, "virtpub archive") as (connection, where):
         channel = connection.channel()
-        check_exchange(channel, exchange, where)
+        check_exchange(channel, broker.exchange, where)
         channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
         for binding in bindings:
-            channel.queue_bind(queue, exchange, routing_key=binding)
+            channel.queue_bind(queue, broker.exchange, routing_key=binding)
         # Twice a batch, so the next batch arrives while this one is written.
         channel.basic_qos(prefetch_count=2 * batch)
         on_cancel_raise(channel, queue)
@@ -503,8 +504,7 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 def archive_group(
     ctx: click.Context,
     *,
-    amqp_urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings | None,
     queue: str | None,
     directory: Path | None,
     bindings: tuple[str, ...],
@@ -530,9 +530,10 @@ def archive_group(
     has been delivered 20 times without an ack, its default delivery limit: an archiver
     failing in a loop loses messages there. A policy can raise the limit.
 
-    Exit codes: 0 stopped (SIGTERM, Ctrl-C), 1 broker or disk error, 2 bad usage.
+    Exit codes: 0 stopped (SIGTERM, Ctrl-C), 1 invalid broker settings, broker or disk
+    error, 2 bad usage.
     """
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None or broker is None:
         return
     if queue is None or directory is None:
         raise click.UsageError("--queue and --dir are required (or use: archive verify DIR)")
@@ -541,11 +542,12 @@ def archive_group(
         writer = ArchiveWriter(directory, max_bytes)
     except ArchiveError as err:
         click.echo(f"virtpub archive: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
 
     def ready(where: str) -> None:
         click.echo(
-            f"virtpub archive: archiving queue {queue!r} ({' '.join(bindings)} on {exchange!r}"
+            f"virtpub archive: archiving queue {queue!r} ({' '.join(bindings)} on"
+            f" {broker.exchange!r}"
             f" at {where}) into {directory}; today's files hold {len(writer.known_ids)} ids",
             err=True,
         )
@@ -553,8 +555,7 @@ def archive_group(
     try:
         with stop_on_signals(stop):
             run_archiver(
-                amqp_urls,
-                exchange,
+                broker,
                 queue=queue,
                 bindings=bindings,
                 writer=writer,
@@ -565,7 +566,7 @@ def archive_group(
             )
     except (BrokerError, ArchiveError) as err:
         click.echo(f"virtpub archive: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
     finally:
         writer.close()
     stats = writer.stats

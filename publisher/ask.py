@@ -1,7 +1,8 @@
 """Asking the running publishers through `<exchange>.requests`: `virtpub capabilities`
 (what they can emit, tabulated) and `virtpub snapshot` (a fresh snapshot bracket now).
 
-Both go through the broker session the other tools use (`publisher.tail.session`); the
+Both go through the broker session the other tools use (`publisher.tail.session`), with
+the same broker options (`publisher.tail.amqp_options`); the
 request format is described in `publisher.requests`.
 """
 
@@ -21,10 +22,12 @@ import pika
 import pika.exceptions
 
 from publisher import schemas
+from publisher.config import BrokerSettings
+from publisher.connection import BrokerError
 from publisher.envelope import routing_key
 from publisher.requests import ALL_HOSTS, REPLY_PREFIX, Kind, request_key, requests_exchange
 from publisher.tail import (
-    BrokerError,
+    EXIT_FAILURE,
     amqp_options,
     check_exchange,
     missing_means,
@@ -38,15 +41,13 @@ POLL_S = 0.05
 """How long one wait for replies lasts: how soon the last awaited one ends the wait."""
 
 
-def ask(
-    urls: tuple[str, ...], exchange: str, hosts: Sequence[str], timeout: float
-) -> list[dict[str, Any]]:
+def ask(broker: BrokerSettings, hosts: Sequence[str], timeout: float) -> list[dict[str, Any]]:
     """The capabilities messages of the publishers that answered within `timeout`.
 
-    Asks through the first of `urls` whose broker answers; raises BrokerError.
+    Asks through the first of the broker's URLs that answers; raises BrokerError.
     """
-    with session(urls) as (connection, _where):
-        return ask_capabilities(connection, exchange, hosts, timeout)
+    with session(broker, "virtpub capabilities") as (connection, _where):
+        return ask_capabilities(connection, broker.exchange, hosts, timeout)
 
 
 def ask_capabilities(
@@ -159,8 +160,7 @@ class Bracket:
 
 
 def snapshot(
-    urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     hosts: Sequence[str],
     *,
     discovery_timeout: float,
@@ -176,7 +176,8 @@ def snapshot(
     `timeout` of the request (or before `stop`). Raises BrokerError.
     """
     request_id = str(uuid.uuid4())
-    with session(urls) as (connection, where):
+    exchange = broker.exchange
+    with session(broker, "virtpub snapshot") as (connection, where):
         answers = ask_capabilities(connection, exchange, hosts, discovery_timeout)
         unanswered = sorted(set(hosts) - {str(a["data"]["host_id"]) for a in answers})
         waiting = {
@@ -270,8 +271,7 @@ def table(answers: Sequence[dict[str, Any]]) -> str:
 def snapshot_command(
     *,
     hosts: tuple[str, ...],
-    amqp_urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     discovery_timeout: float,
     timeout: float,
 ) -> None:
@@ -292,7 +292,8 @@ def snapshot_command(
     missing once --timeout has passed.
 
     Exit codes: 0 every asked backend's end arrived, 1 a host did not answer, an end did
-    not arrive within --timeout, no publisher answered, or the broker failed.
+    not arrive within --timeout, no publisher answered, invalid broker settings, or the
+    broker failed.
     """
     stop = threading.Event()
 
@@ -302,8 +303,7 @@ def snapshot_command(
     try:
         with stop_on_signals(stop):
             outcome = snapshot(
-                amqp_urls,
-                exchange,
+                broker,
                 hosts,
                 discovery_timeout=discovery_timeout,
                 timeout=timeout,
@@ -312,7 +312,7 @@ def snapshot_command(
             )
     except BrokerError as err:
         click.echo(f"virtpub snapshot: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
     for host in outcome.unanswered:
         click.echo(
             f"virtpub snapshot: no answer from host {host!r} within {discovery_timeout:g} s",
@@ -328,4 +328,4 @@ def snapshot_command(
         click.echo(
             f"virtpub snapshot: no publisher answered within {discovery_timeout:g} s", err=True
         )
-    sys.exit(1 if outcome.unanswered or outcome.missing or not outcome.asked else 0)
+    sys.exit(EXIT_FAILURE if outcome.unanswered or outcome.missing or not outcome.asked else 0)

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import collections
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pika
-import pika.credentials
 import pika.exceptions
 import pika.spec
 
 from publisher import retry
 from publisher.config import Settings
+from publisher.connection import (
+    BrokerFatalError,
+    BrokerUnavailableError,
+    connection_parameters,
+    open_error,
+)
+from publisher.connection import one_line as _one_line
 from publisher.envelope import APP_ID, OutgoingMessage, publish_frames
 from publisher.metrics import LatencyHistogram
 from publisher.redact import redact_url
@@ -41,68 +45,12 @@ from publisher.topology import ExchangeSetup
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_S = 15
 DEFAULT_WINDOW = 1000
 FRAMING_BYTES = 8
 """A frame's type, channel and size (7 bytes) and its end octet."""
 _FATAL_REPLY_CODES = frozenset({403, 406})  # ACCESS_REFUSED, PRECONDITION_FAILED
 
 Confirmed = Callable[[list[OutgoingMessage]], None]
-
-
-class BrokerFatalError(Exception):
-    """Retrying cannot help (credentials, permissions, conflicting topology)."""
-
-
-class BrokerUnavailableError(Exception):
-    """The broker could not be reached or dropped the connection; retried with backoff."""
-
-
-_FATAL_OPEN_ERRORS = (
-    pika.exceptions.ProbableAuthenticationError,
-    pika.exceptions.ProbableAccessDeniedError,
-    pika.exceptions.AuthenticationError,
-)
-
-
-def _is_certificate_error(err: BaseException) -> bool:
-    """A certificate that does not verify never will. pika wraps the handshake's error in
-    its connection workflow's errors (`exceptions`, `exception`), so look inside them."""
-    pending, seen = [err], 0
-    while pending and seen < 20:
-        current = pending.pop()
-        seen += 1
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
-        nested = [*getattr(current, "args", ()), *(getattr(current, "exceptions", None) or ()),
-                  getattr(current, "exception", None), current.__cause__]  # fmt: skip
-        pending.extend(e for e in nested if isinstance(e, BaseException))
-    return False
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text}" if not str(err) else text
-
-
-def connection_parameters(url: str, connection_name: str, settings: Settings) -> pika.URLParameters:
-    """pika's parameters for one broker URL, with TLS for amqps:// (hostname verified)."""
-    params = pika.URLParameters(url)
-    parts = urlsplit(url)
-    if "heartbeat" not in parse_qs(parts.query):
-        params.heartbeat = DEFAULT_HEARTBEAT_S
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": connection_name}
-    if parts.scheme == "amqps":
-        context = ssl.create_default_context(
-            cafile=str(settings.amqp_ca_file) if settings.amqp_ca_file else None
-        )
-        if settings.amqp_cert_file is not None and settings.amqp_key_file is not None:
-            context.load_cert_chain(settings.amqp_cert_file, settings.amqp_key_file)
-            if parts.password is None:
-                params.credentials = pika.credentials.ExternalCredentials()
-        params.ssl_options = pika.SSLOptions(context, parts.hostname)
-    return params
 
 
 class Broker:
@@ -302,18 +250,7 @@ class Broker:
 
     def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
         self._session_ready = False
-        if _is_certificate_error(err):
-            self._session_error = BrokerFatalError(
-                f"broker at {self._url} failed TLS verification: {_one_line(err)}"
-                " (check --amqp-ca-file and the host name in --amqp-url)"
-            )
-        elif isinstance(err, _FATAL_OPEN_ERRORS):
-            self._session_error = BrokerFatalError(
-                f"broker at {self._url} refused the login: {_one_line(err)}"
-                " (check the user, password and vhost in --amqp-url)"
-            )
-        else:
-            self._session_error = BrokerUnavailableError(f"{self._url}: {_one_line(err)}")
+        self._session_error = open_error(err, self._url)
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:

@@ -25,12 +25,13 @@ from publisher.ask import table as capability_table
 from publisher.asyncapi import asyncapi_command
 from publisher.config import (
     DEFAULTS,
+    BrokerSettings,
     ConfigError,
     Settings,
-    amqp_url_problem,
     read_config_file,
     resolve,
 )
+from publisher.connection import BrokerError
 from publisher.daemon import Daemon
 from publisher.demo import ConfirmedPrinter, Workload
 from publisher.driver import Driver, DriverError
@@ -38,11 +39,9 @@ from publisher.envelope import OutgoingMessage
 from publisher.explain import explain as explain_backend
 from publisher.inventory import inventory_command
 from publisher.logs import setup_logging
-from publisher.redact import redact_url
 from publisher.systemd import Notifier
-from publisher.tail import BrokerError, amqp_options, tail_command
+from publisher.tail import CONNECTION_OPTIONS, EXIT_FAILURE, amqp_options, tail_command
 
-EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -83,30 +82,7 @@ _OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="Seconds between two full rescans of the watched directories (inotify can"
         " overflow). [default: 300]",
     ),
-    click.option(
-        "--amqp-url",
-        "amqp_url",
-        multiple=True,
-        help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
-        f" [default: {DEFAULTS['amqp_url'][0]}]",  # type: ignore[index]
-    ),
-    click.option(
-        "--amqp-ca-file",
-        "amqp_ca_file",
-        help="CA certificates to verify an amqps:// broker by (the host name is always"
-        " verified). [default: the system's CAs]",
-    ),
-    click.option(
-        "--amqp-cert-file",
-        "amqp_cert_file",
-        help="Client certificate for amqps://; with no password in --amqp-url, virtpub"
-        " logs in by SASL EXTERNAL (the broker takes the user from the certificate).",
-    ),
-    click.option(
-        "--amqp-key-file",
-        "amqp_key_file",
-        help="The client certificate's private key.",
-    ),
+    *CONNECTION_OPTIONS,
     click.option(
         "--exchange",
         help="Topic exchange to publish to; created durable if missing."
@@ -315,8 +291,7 @@ def capabilities(
     libvirt_uris: tuple[str, ...],
     poll_interval: float,
     hosts: tuple[str, ...],
-    amqp_urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -331,16 +306,13 @@ def capabilities(
     with the basis of each answer: map:<libvirt version>, or probe for drivers
     and versions the map does not cover.
 
-    Exit codes: 0 answered, 1 nothing answered or a connection failed, 2 bad usage.
+    Exit codes: 0 answered, 1 nothing answered, a connection failed or invalid broker
+    settings, 2 bad usage.
     """
     if explain:
         sys.exit(_explain(libvirt_uris, poll_interval))
-    for url in amqp_urls:
-        problem = amqp_url_problem(url)
-        if problem:
-            raise click.UsageError(f"--amqp-url {redact_url(url)!r} {problem}")
     try:
-        answers = ask(amqp_urls, exchange, hosts, timeout)
+        answers = ask(broker, hosts, timeout)
     except BrokerError as err:
         click.echo(f"virtpub: {err}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SPOOL_FULL_POLICIES = ("block", "drop-oldest")
 MULTI_VALUED = frozenset({"libvirt_uri", "amqp_url", "watch"})
+TLS_KEYS = ("amqp_ca_file", "amqp_cert_file", "amqp_key_file")
 WATCH_FORMATS = ("libvirt-xml", "xl")
 WATCH_DEFINES = ("fallback", "always")
 DEFAULT_LIBVIRT_URI = "qemu:///system"
@@ -62,6 +63,21 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The broker part of the settings: all the tools (tail, archive, inventory, ...) need.
+
+    Resolved like `Settings`, from the same file and variables, but validated only as far as
+    connecting needs, so an operator's tool never fails over the daemon's state directory.
+    """
+
+    amqp_urls: tuple[str, ...]
+    exchange: str
+    amqp_ca_file: Path | None = None
+    amqp_cert_file: Path | None = None
+    amqp_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +159,34 @@ def resolve(
     file_values: Mapping[str, object] | None = None,
 ) -> Settings:
     """Merges the layers (later wins) and validates the result."""
+    return validate(merge(flags, env, file_values))
+
+
+def resolve_broker(
+    flags: Mapping[str, object | None],
+    env: Mapping[str, str],
+    file_values: Mapping[str, object] | None = None,
+) -> BrokerSettings:
+    """The broker settings alone, from the same layers as `resolve`; settings of the daemon
+    in the file or the environment (state_dir, libvirt_uri, ...) are left unchecked."""
+    read = _Reader(merge(flags, env, file_values))
+    broker = read.broker()
+    if read.problems or broker is None:
+        raise ConfigError(read.problems)
+    return broker
+
+
+def merge(
+    flags: Mapping[str, object | None],
+    env: Mapping[str, str],
+    file_values: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """Defaults, then the file, then the environment, then the flags given (later wins)."""
     merged: dict[str, object] = dict(DEFAULTS)
     for layer in (file_values or {}, from_environment(env)):
         merged.update(layer)
     merged.update({k: v for k, v in flags.items() if v is not None and v != ()})
-    return validate(merged)
+    return merged
 
 
 class _Reader:
@@ -256,6 +295,26 @@ class _Reader:
             self.problems.append(f"{key}: {str(path)!r} is not a readable file")
         return path
 
+    def broker(self) -> BrokerSettings | None:
+        """URLs, exchange and TLS files, each checked (problems noted); None when no URL or
+        exchange could be read at all."""
+        amqp_urls = self.many("amqp_url")
+        for url in amqp_urls:
+            problem = amqp_url_problem(url)
+            if problem:
+                self.problems.append(
+                    f"amqp_url: {redact_url(url)!r} is an invalid AMQP URL: it {problem}"
+                )
+        exchange = self.exchange()
+        tls_files = {key: self.readable_file(key) for key in TLS_KEYS}
+        if (self.values.get("amqp_cert_file") is None) != (
+            self.values.get("amqp_key_file") is None
+        ):
+            self.problems.append("amqp_cert_file: a client certificate needs its amqp_key_file")
+        if exchange is None or not amqp_urls:
+            return None
+        return BrokerSettings(amqp_urls=amqp_urls, exchange=exchange, **tls_files)
+
     def exchange(self) -> str | None:
         exchange = self.text("exchange")
         if exchange is None:
@@ -293,21 +352,12 @@ def validate(values: Mapping[str, object]) -> Settings:
             read.problems.append(
                 f"libvirt_uri: {redact_url(uri)!r} is not a URI (e.g. qemu:///system)"
             )
-    amqp_urls = read.many("amqp_url")
-    for url in amqp_urls:
-        problem = amqp_url_problem(url)
-        if problem:
-            read.problems.append(f"amqp_url: {redact_url(url)!r} {problem}")
-    exchange = read.exchange()
+    broker = read.broker()
     host_id = read.host_id()
     state_dir = read.text("state_dir")
     problem = writable_dir_problem(Path(state_dir)) if state_dir is not None else None
     if problem:
         read.problems.append(f"state_dir: {state_dir!r} {problem}")
-    tls_files = {key: read.readable_file(key) for key in ("amqp_ca_file", "amqp_cert_file",
-                                                          "amqp_key_file")}  # fmt: skip
-    if (values.get("amqp_cert_file") is None) != (values.get("amqp_key_file") is None):
-        read.problems.append("amqp_cert_file: a client certificate needs its amqp_key_file")
     log_level = read.choice("log_level", LOG_LEVELS)
     log_format = read.choice("log_format", LOG_FORMATS)
     poll_interval = read.seconds("poll_interval", 0.1, 3600.0)
@@ -319,12 +369,12 @@ def validate(values: Mapping[str, object]) -> Settings:
 
     if read.problems:
         raise ConfigError(read.problems)
-    assert exchange and state_dir and log_level and log_format and poll_interval  # for mypy
+    assert broker and state_dir and log_level and log_format and poll_interval  # for mypy
     assert spool_max_bytes and spool_full_policy and watch_defines and rescan_interval
     return Settings(
         libvirt_uris=libvirt_uris,
-        amqp_urls=amqp_urls,
-        exchange=exchange,
+        amqp_urls=broker.amqp_urls,
+        exchange=broker.exchange,
         host_id=host_id,
         state_dir=Path(state_dir),
         log_level=log_level,
@@ -336,7 +386,9 @@ def validate(values: Mapping[str, object]) -> Settings:
         metrics_listen=metrics_listen,
         spool_max_bytes=spool_max_bytes,
         spool_full_policy=spool_full_policy,
-        **tls_files,
+        amqp_ca_file=broker.amqp_ca_file,
+        amqp_cert_file=broker.amqp_cert_file,
+        amqp_key_file=broker.amqp_key_file,
     )
 
 

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from publisher import __version__, schemas
-from publisher.broker import Broker, BrokerFatalError, Confirmed
+from publisher.broker import Broker, Confirmed
 from publisher.config import Settings
+from publisher.connection import BrokerFatalError
 from publisher.driver import Driver, DriverError, Signal
 from publisher.drops import DropCounter, Tally, signal_type
 from publisher.envelope import Envelope, OutgoingMessage, rfc3339

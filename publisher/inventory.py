@@ -28,8 +28,10 @@ from typing import Any
 import click
 
 from publisher.ask import SnapshotRequester
+from publisher.config import BrokerSettings
+from publisher.connection import BrokerError
 from publisher.tail import (
-    BrokerError,
+    EXIT_FAILURE,
     amqp_options,
     check_exchange,
     missing_means,
@@ -340,8 +342,7 @@ def to_json(inventory: Inventory) -> dict[str, Any]:
 
 
 def consume(
-    urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     *,
     on_change: Callable[[Inventory], None],
     idle_timeout: float | None,
@@ -352,7 +353,7 @@ def consume(
 ) -> Inventory:
     """Applies messages until `idle_timeout` seconds pass without one (None: until `stop`).
 
-    Without `queue`, reads an exclusive server-named queue bound to `exchange` with
+    Without `queue`, reads an exclusive server-named queue bound to the exchange with
     `BINDINGS`, which the broker deletes when the connection closes. With `queue`, reads
     that existing queue (never declaring or binding it) and acks each message once applied,
     so the queue must be the inventory's own. `on_ready(queue name)` runs once messages
@@ -363,7 +364,7 @@ def consume(
     snapshot (at most once per `SNAPSHOT_REQUEST_INTERVAL_S`), and `on_snapshot_request` gets
     one line saying so, or why no request could be sent.
 
-    Reads from the first of `urls` whose broker answers; raises BrokerError.
+    Reads from the first of the broker's URLs that answers; raises BrokerError.
     """
     inventory = Inventory()
     last_message = time.monotonic()
@@ -375,7 +376,8 @@ def consume(
             channel.basic_ack(method.delivery_tag)
         last_message = time.monotonic()
 
-    with session(urls) as (connection, where):
+    exchange = broker.exchange
+    with session(broker, "virtpub inventory") as (connection, where):
         channel = connection.channel()
         name = _open_queue(channel, exchange, queue, where)
         channel.basic_consume(name, on_message, auto_ack=queue is None)
@@ -461,8 +463,7 @@ def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> s
 )
 def inventory_command(
     *,
-    amqp_urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     queue: str | None,
     as_json: bool,
     watch: bool,
@@ -483,8 +484,8 @@ def inventory_command(
     once (as `virtpub snapshot --host` does, at most every 10 s per host; one line on
     stderr says so), and its bracket makes the table consistent again.
 
-    Exit codes: 0 done, 1 broker unreachable, credentials refused, or queue or exchange
-    missing.
+    Exit codes: 0 done, 1 invalid broker settings, broker unreachable, login refused, a
+    certificate that does not verify, or queue or exchange missing.
     """
     stop = threading.Event()
 
@@ -501,8 +502,7 @@ def inventory_command(
     try:
         with stop_on_signals(stop):
             inventory = consume(
-                amqp_urls,
-                exchange,
+                broker,
                 on_change=show if watch else lambda _inventory: None,
                 idle_timeout=None if watch else idle,
                 stop=stop,
@@ -511,7 +511,7 @@ def inventory_command(
             )
     except BrokerError as err:
         click.echo(f"virtpub inventory: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
     if watch:
         return
     if as_json:

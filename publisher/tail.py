@@ -3,19 +3,23 @@
 It reads a queue of its own (exclusive, auto-delete, named by the broker), so it takes nothing
 from other consumers and leaves nothing behind. It never declares the exchange: a tail must not
 need configure rights on it, and a typo in --exchange must not create an exchange nobody
-publishes to. The broker helpers here (URL checks, one-line errors, clean stop on signals) are
-shared with `virtpub archive`.
+publishes to. The broker helpers here (the broker options, the session with its one-line
+errors, clean stop on signals) are shared with `virtpub archive`, `inventory`,
+`capabilities` and `snapshot`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -25,11 +29,23 @@ import pika.exceptions
 from rich.console import Console
 from rich.text import Text
 
-from publisher.config import amqp_url_problem
+from publisher.config import (
+    DEFAULTS,
+    TLS_KEYS,
+    BrokerSettings,
+    ConfigError,
+    read_config_file,
+    resolve_broker,
+)
+from publisher.connection import (
+    BrokerError,
+    BrokerUnavailableError,
+    connection_parameters,
+    one_line,
+    open_error,
+)
 from publisher.redact import redact_url
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
-DEFAULT_EXCHANGE = "virt.events"
 # Unacked deliveries held at once: a slow terminal slows the broker's pushes instead of
 # growing this process.
 PREFETCH = 200
@@ -38,60 +54,119 @@ PREFETCH = 200
 MAX_QUEUE_LENGTH = 10_000
 # How long one wait for messages lasts: how soon a signal or --count ends the command.
 POLL_S = 0.25
+# Exit code of a tool that cannot go on (broker, configuration).
+EXIT_FAILURE = 1
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-class BrokerError(Exception):
-    """The command cannot go on; one line for the operator, without passwords."""
+CONNECTION_OPTIONS: list[Decorator] = [
+    click.option(
+        "--amqp-url",
+        "amqp_url",
+        multiple=True,
+        metavar="URL",
+        help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
+        f" [default: {DEFAULTS['amqp_url'][0]}]",  # type: ignore[index]
+    ),
+    click.option(
+        "--amqp-ca-file",
+        "amqp_ca_file",
+        metavar="FILE",
+        help="CA certificates to verify an amqps:// broker by (the host name is always"
+        " verified). [default: the system's CAs]",
+    ),
+    click.option(
+        "--amqp-cert-file",
+        "amqp_cert_file",
+        metavar="FILE",
+        help="Client certificate for amqps://; with no password in --amqp-url, virtpub"
+        " logs in by SASL EXTERNAL (the broker takes the user from the certificate).",
+    ),
+    click.option(
+        "--amqp-key-file",
+        "amqp_key_file",
+        metavar="FILE",
+        help="The client certificate's private key.",
+    ),
+]
+"""How every command reaches the broker, `virtpub run` included: one definition each."""
 
-
-class BrokerUnreachableError(BrokerError):
-    """No connection could be opened; another URL of the same cluster may do better."""
+_BROKER_OPTIONS: list[Decorator] = [
+    click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="VIRTPUB_CONFIG",
+        help="TOML file with the broker settings below (amqp_url, amqp_ca_file, amqp_cert_file,"
+        " amqp_key_file, exchange); the daemon's file will do, its other settings are ignored."
+        " Each can also be a VIRTPUB_<NAME> variable (VIRTPUB_AMQP_URL: several separated by"
+        " spaces); flags win over the environment, which wins over the file.",
+    ),
+    *CONNECTION_OPTIONS,
+    click.option(
+        "--exchange",
+        help="The publishers' topic exchange; it must exist (publishers declare it)."
+        f" [default: {DEFAULTS['exchange']}]",
+    ),
+]
+_BROKER_KEYS = ("amqp_url", *TLS_KEYS, "exchange")
 
 
 def amqp_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--amqp-url and --exchange, the same for every command that reads the exchange."""
-    func = click.option(
-        "--exchange",
-        default=DEFAULT_EXCHANGE,
-        show_default=True,
-        envvar="VIRTPUB_EXCHANGE",
-        help="The publishers' topic exchange; it must exist (publishers declare it).",
-    )(func)
-    return click.option(
-        "--amqp-url",
-        "amqp_urls",
-        multiple=True,
-        default=(DEFAULT_AMQP_URL,),
-        show_default=True,
-        envvar="VIRTPUB_AMQP_URL",
-        help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
-        " VIRTPUB_AMQP_URL may hold several, separated by spaces.",
-    )(func)
+    """The broker options of every command that talks to the publishers' broker: --config,
+    --amqp-url (repeatable), the TLS files and --exchange, from the same TOML file and
+    VIRTPUB_* variables as `virtpub run`, with the same precedence and checks.
+
+    The command receives them as one argument, `broker` (a BrokerSettings). Invalid ones
+    end the command before it connects, one line each, exit code 1. A group whose
+    subcommand runs instead (`archive verify`) receives None: its subcommands need no broker.
+    """
+
+    @functools.wraps(func)
+    def with_broker(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
+        flags = {key: kwargs.pop(key) for key in _BROKER_KEYS}
+        context = click.get_current_context()
+        broker = None if context.invoked_subcommand else _broker_settings(config_path, flags)
+        return func(*args, broker=broker, **kwargs)
+
+    command: Callable[..., Any] = with_broker
+    for option in reversed(_BROKER_OPTIONS):
+        command = option(command)
+    return command
 
 
-def connect_any(urls: tuple[str, ...]) -> tuple[Any, str]:
-    """A blocking connection to the first broker that answers, and its URL without password."""
-    for url in urls[:-1]:
-        try:
-            return connect(url)
-        except BrokerUnreachableError:
-            continue
-    return connect(urls[-1])
-
-
-def connect(url: str) -> tuple[Any, str]:
-    where = redact_url(url)
-    problem = amqp_url_problem(url)
-    if problem is not None:
-        raise BrokerError(f"invalid AMQP URL {where!r}: {problem}")
+def _broker_settings(config_path: Path | None, flags: dict[str, Any]) -> BrokerSettings:
     try:
-        return pika.BlockingConnection(pika.URLParameters(url)), where
-    except pika.exceptions.ProbableAuthenticationError:
-        raise BrokerError(f"the broker at {where} refused the credentials") from None
-    except pika.exceptions.ProbableAccessDeniedError as err:
-        raise BrokerError(f"the broker at {where} denied access: {reason(err)}") from None
-    except pika.exceptions.AMQPConnectionError as err:
-        raise BrokerUnreachableError(f"cannot reach the broker at {where}: {reason(err)}") from None
+        file_values = read_config_file(config_path) if config_path else None
+        return resolve_broker(flags, os.environ, file_values)
+    except ConfigError as err:
+        command = click.get_current_context().command.name
+        for problem in err.problems:
+            click.echo(f"virtpub {command}: invalid configuration: {problem}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+def connect_any(broker: BrokerSettings, connection_name: str) -> tuple[Any, str]:
+    """A blocking connection to the first broker that answers, and its URL without password.
+
+    An unreachable broker passes to the next URL; a refusal (credentials, access, a
+    certificate that does not verify) ends the attempt at once.
+    """
+    for url in broker.amqp_urls[:-1]:
+        try:
+            return connect(url, broker, connection_name)
+        except BrokerUnavailableError:
+            continue
+    return connect(broker.amqp_urls[-1], broker, connection_name)
+
+
+def connect(url: str, broker: BrokerSettings, connection_name: str) -> tuple[Any, str]:
+    where = redact_url(url)
+    params = connection_parameters(url, connection_name, broker)
+    try:
+        return pika.BlockingConnection(params), where
+    except (pika.exceptions.AMQPError, OSError) as err:  # a failed TLS handshake is an OSError
+        raise open_error(err, where) from None
 
 
 @contextlib.contextmanager
@@ -121,12 +196,6 @@ def on_cancel_raise(channel: Any, queue: str) -> None:
         raise BrokerError(f"the broker cancelled the consumer of queue {queue!r} (deleted?)")
 
     channel.add_on_cancel_callback(cancelled)
-
-
-def reason(err: BaseException) -> str:
-    """One line; pika's connection errors wrap an exception whose str() is empty."""
-    parts = [str(arg) or repr(arg) for arg in err.args] or [type(err).__name__]
-    return " ".join(" ".join(parts).split())
 
 
 @contextlib.contextmanager
@@ -282,8 +351,7 @@ def json_line(raw: bytes, body: Mapping[str, Any]) -> str:
 
 
 def follow(
-    urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     *,
     bindings: tuple[str, ...],
     on_message: Callable[[str, bytes], None],
@@ -300,14 +368,14 @@ def follow(
             on_message(method.routing_key, body)
         channel.basic_ack(method.delivery_tag)
 
-    with session(urls) as (connection, where):
+    with session(broker, "virtpub tail") as (connection, where):
         channel = connection.channel()
-        check_exchange(channel, exchange, where)
+        check_exchange(channel, broker.exchange, where)
         queue: str = channel.queue_declare(
             "", exclusive=True, auto_delete=True, arguments={"x-max-length": MAX_QUEUE_LENGTH}
         ).method.queue
         for binding in bindings:
-            channel.queue_bind(queue, exchange, routing_key=binding)
+            channel.queue_bind(queue, broker.exchange, routing_key=binding)
         channel.basic_qos(prefetch_count=PREFETCH)
         on_cancel_raise(channel, queue)
         channel.basic_consume(queue, deliver)
@@ -317,16 +385,18 @@ def follow(
 
 
 @contextlib.contextmanager
-def session(urls: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
+def session(broker: BrokerSettings, connection_name: str) -> Iterator[tuple[Any, str]]:
     """A connection to the first broker that answers, and where it is; pika's errors inside
-    become one-line BrokerErrors, and the connection is closed whatever happens."""
-    connection, where = connect_any(urls)
+    become one-line BrokerErrors, and the connection is closed whatever happens.
+
+    `connection_name` names the connection in the broker's management UI."""
+    connection, where = connect_any(broker, connection_name)
     try:
         yield connection, where
     except pika.exceptions.ChannelClosedByBroker as err:
         raise BrokerError(f"the broker at {where} refused: {err.reply_text}") from None
     except pika.exceptions.AMQPError as err:
-        raise BrokerError(f"lost the broker at {where}: {reason(err)}") from None
+        raise BrokerError(f"lost the broker at {where}: {one_line(err)}") from None
     finally:
         with contextlib.suppress(pika.exceptions.AMQPError):
             if connection.is_open:
@@ -363,8 +433,7 @@ def session(urls: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
 def tail_command(
     *,
     bindings: tuple[str, ...],
-    amqp_urls: tuple[str, ...],
-    exchange: str,
+    broker: BrokerSettings,
     hosts: tuple[str, ...],
     domains: tuple[str, ...],
     events: tuple[str, ...],
@@ -382,8 +451,9 @@ def tail_command(
     The queue is temporary: messages published before the command starts are not shown,
     and if the output falls more than 10,000 messages behind the oldest are skipped.
 
-    Exit codes: 0 stopped (Ctrl-C, SIGTERM, --count reached), 1 broker unreachable,
-    credentials refused, exchange missing, or the output closed (`virtpub tail | head`).
+    Exit codes: 0 stopped (Ctrl-C, SIGTERM, --count reached), 1 invalid broker settings,
+    broker unreachable, login refused, a certificate that does not verify, exchange
+    missing, or the output closed (`virtpub tail | head`).
     """
     bindings = bindings or ("#",)
     filters = Filters(frozenset(hosts), frozenset(domains), frozenset(events))
@@ -411,16 +481,14 @@ def tail_command(
 
     def ready(where: str) -> None:
         click.echo(
-            f"virtpub tail: following {exchange!r} at {where} ({' '.join(bindings)});"
+            f"virtpub tail: following {broker.exchange!r} at {where} ({' '.join(bindings)});"
             " Ctrl-C to stop",
             err=True,
         )
 
     try:
         with stop_on_signals(stop):
-            follow(
-                amqp_urls, exchange, bindings=bindings, on_message=show, stop=stop, on_ready=ready
-            )
+            follow(broker, bindings=bindings, on_message=show, stop=stop, on_ready=ready)
     except BrokerError as err:
         click.echo(f"virtpub tail: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)

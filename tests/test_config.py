@@ -14,11 +14,13 @@ import pytest
 from publisher import config
 from publisher.config import (
     DEFAULTS,
+    BrokerSettings,
     ConfigError,
     Settings,
     from_environment,
     read_config_file,
     resolve,
+    resolve_broker,
     sanitize_host_id,
     validate,
 )
@@ -113,6 +115,46 @@ def test_env_single_valued_settings_are_taken_whole() -> None:
 def test_env_ignores_empty_and_unprefixed_variables() -> None:
     env = {"VIRTPUB_EXCHANGE": "", "EXCHANGE": "x", "virtpub_log_level": "debug"}
     assert from_environment(env) == {}
+
+
+# --- the tools' broker settings ----------------------------------------------------------------
+
+
+def test_broker_settings_layer_as_the_daemons_and_ignore_its_other_settings(
+    tmp_path: Path,
+) -> None:
+    """A tool reads the daemon's file: its state_dir (under a file here) and log level
+    (invalid) are the daemon's business, and would stop `resolve` but not `resolve_broker`."""
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "client.pem", "client.key"))
+    for path in (ca, cert, key):
+        path.write_text("-", encoding="utf-8")
+    file_values = {"amqp_url": ["amqp://file/"], "exchange": "from.file", "amqp_ca_file": str(ca),
+                   "state_dir": str(ca / "state"), "log_level": "loud"}  # fmt: skip
+    env = {"VIRTPUB_EXCHANGE": "from.env", "VIRTPUB_AMQP_CERT_FILE": str(cert),
+           "VIRTPUB_AMQP_KEY_FILE": str(key)}  # fmt: skip
+    flags = {"amqp_url": ("amqps://flag/", "amqps://flag2/"), "exchange": None}
+    assert resolve_broker(flags, env, file_values) == BrokerSettings(
+        amqp_urls=("amqps://flag/", "amqps://flag2/"),
+        exchange="from.env",
+        amqp_ca_file=ca,
+        amqp_cert_file=cert,
+        amqp_key_file=key,
+    )
+    with pytest.raises(ConfigError) as caught:
+        resolve(flags, env, file_values)
+    assert [p.split(":", 1)[0] for p in caught.value.problems] == ["state_dir", "log_level"]
+
+
+def test_broker_settings_report_each_problem_on_its_own_line(tmp_path: Path) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("-", encoding="utf-8")
+    flags = {"amqp_url": ("http://u:secret@mq/",), "amqp_cert_file": str(cert)}
+    with pytest.raises(ConfigError) as caught:
+        resolve_broker(flags, {"VIRTPUB_AMQP_CA_FILE": str(tmp_path / "missing.pem")})
+    problems = caught.value.problems
+    assert [p.split(":", 1)[0] for p in problems] == ["amqp_url", "amqp_ca_file", "amqp_cert_file"]
+    assert "is an invalid AMQP URL" in problems[0] and "secret" not in problems[0]
+    assert "not a readable file" in problems[1] and "amqp_key_file" in problems[2]
 
 
 def test_log_level_and_format_are_case_insensitive(valid: dict[str, object]) -> None:

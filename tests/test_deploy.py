@@ -33,7 +33,7 @@ import pika.exceptions
 import pytest
 
 from publisher.ask import ask
-from publisher.config import DEFAULTS, read_config_file, resolve
+from publisher.config import DEFAULTS, BrokerSettings, read_config_file, resolve
 from tests.rabbitnode import RABBITMQ_USER, RabbitNode
 from tests.test_faults import depth, wait_until
 
@@ -147,7 +147,7 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
             f"{EVENTS} synthetic events in {ORCHESTRATOR}",
         )
         # Its permissions also let it answer capabilities requests, through its own exchange.
-        (answer,) = ask((node.url(),), EXCHANGE, [HOST_ID], timeout=10)
+        (answer,) = ask(BrokerSettings((node.url(),), EXCHANGE), [HOST_ID], timeout=10)
         assert answer["type"] == "org.virtpub.publisher.capabilities"
     finally:
         process.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ import pika
 import pytest
 from click.testing import CliRunner
 
+from publisher.config import BrokerSettings
 from publisher.inventory import Inventory, Row, consume, inventory_command, render_table, to_json
 
 WEB = "6695eb01-f6a4-8304-79aa-97f2502e193f"
@@ -415,8 +416,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic: str)
     def run() -> None:
         result.append(
             consume(
-                (amqp_url,),
-                topic,
+                BrokerSettings(amqp_urls=(amqp_url,), exchange=topic),
                 on_change=lambda inventory: changes.append(len(inventory.rows())),
                 idle_timeout=1.0,
                 stop=threading.Event(),
@@ -505,8 +505,7 @@ def test_a_gap_asks_for_a_snapshot_and_carries_on_when_nobody_serves_requests(
         def run() -> None:
             result.append(
                 consume(
-                    (amqp_url,),
-                    topic,
+                    BrokerSettings(amqp_urls=(amqp_url,), exchange=topic),
                     on_change=lambda _inventory: None,
                     idle_timeout=1.0,
                     stop=threading.Event(),

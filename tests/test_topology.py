@@ -12,6 +12,7 @@ import pika
 import pytest
 
 from publisher.ask import ask
+from publisher.config import BrokerSettings
 from publisher.requests import requests_exchange
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher
 from tests.test_publish_test_driver import domain_xml, keys_for, run_lifecycle
@@ -71,7 +72,7 @@ def test_exchanges_with_an_earlier_virtpubs_alternate_exchange_argument_are_used
     consumer = consumer_factory("#", declare=False)
     publisher = publisher_factory()
     consumer.collect(snapshot_ended)
-    (answer,) = ask((amqp_url,), exchange, [HOST_ID], timeout=10)
+    (answer,) = ask(BrokerSettings((amqp_url,), exchange), [HOST_ID], timeout=10)
     assert answer["type"] == "org.virtpub.publisher.capabilities"
     broker = publisher.daemon.broker
     assert broker is not None
