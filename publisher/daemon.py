@@ -228,6 +228,7 @@ class Daemon:
             dropped=lambda: {"queue_full": self.dropped, "spool_full": self._spool_dropped},
             spool=lambda: (spool.count(), spool.used_bytes),
             backend_reconnects=lambda: self._backend_reconnects,
+            requests=self._responder.counts,
             latency=broker.latency,
         )
         server = MetricsServer(address, counters, lambda: self._health(spool, broker))

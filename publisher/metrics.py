@@ -65,6 +65,8 @@ class Counters:
     spool: Callable[[], tuple[int, int]]
     """Unconfirmed messages and the bytes they take."""
     backend_reconnects: Callable[[], int]
+    requests: Callable[[], Mapping[str, int]]
+    """outcome (capabilities_answered, snapshot_accepted, rejected) to requests."""
     latency: LatencyHistogram
 
 
@@ -102,6 +104,14 @@ class VirtpubCollector(Collector):
         yield CounterMetricFamily(
             "virtpub_backend_reconnects", "Reconnects to a backend.", value=c.backend_reconnects()
         )
+        requests = CounterMetricFamily(
+            "virtpub_requests",
+            "Capabilities and snapshot requests, per outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(c.requests().items()):
+            requests.add_metric([outcome], count)
+        yield requests
         yield HistogramMetricFamily(
             "virtpub_publish_latency_seconds",
             "From receiving a signal to the broker's ack of its message.",

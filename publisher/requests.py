@@ -100,6 +100,14 @@ class CapabilityResponder:
         """Requests not served: no valid id, an unknown kind, or too many waiting."""
         self.serving = False
 
+    def counts(self) -> dict[str, int]:
+        """Requests served and refused, for the metrics (read from any thread)."""
+        return {
+            "capabilities_answered": self.answered,
+            "snapshot_accepted": self.snapshots_requested,
+            "rejected": self.rejected,
+        }
+
     def attach(self, connection: Any) -> None:
         """Starts serving on a fresh connection (I/O thread)."""
         self._connection = connection

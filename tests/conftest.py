@@ -370,3 +370,12 @@ def restart_libvirtd(while_down: Callable[[], None] | None = None) -> None:
             if time.monotonic() > deadline:
                 pytest.fail("libvirtd did not come back within 30 s")
             time.sleep(0.2)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `condition` held; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -6,14 +6,17 @@ import dataclasses
 import json
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Consumer, RunningPublisher, make_settings
+from publisher.ask import ask_capabilities, request_snapshot
+from tests.conftest import Consumer, RunningPublisher, make_settings, wait_for
 from tests.rabbitnode import pick_port
 from tests.test_publish_test_driver import count_for, domain_xml
 
@@ -47,6 +50,10 @@ def scrape(base: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     }
 
 
+def requests_counted(base: str) -> dict[str, float]:
+    return {labels["outcome"]: value for labels, value in scrape(base)["virtpub_requests_total"]}
+
+
 def health(base: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
@@ -77,6 +84,26 @@ def test_metrics_count_what_happened(
         ({"reason": "queue_full"}, 0.0),
         ({"reason": "spool_full"}, 0.0),
     ]
+    assert requests_counted(base) == {
+        "capabilities_answered": 0,
+        "snapshot_accepted": 0,
+        "rejected": 0,
+    }
+    responder = publisher.daemon._responder
+    wait_for(lambda: responder.serving, 10, "requests served")
+    connection = pika.BlockingConnection(pika.URLParameters(publisher.settings.amqp_urls[0]))
+    channel = connection.channel()
+    exchange = publisher.settings.exchange
+    ask_capabilities(connection, exchange, [publisher.settings.host_id], timeout=10)
+    request_snapshot(channel, exchange, publisher.settings.host_id, str(uuid.uuid4()))
+    request_snapshot(channel, exchange, publisher.settings.host_id, "not-a-uuid")
+    connection.close()
+    wait_for(lambda: requests_counted(base)["rejected"] == 1, 10, "the refusal counted")
+    assert requests_counted(base) == {
+        "capabilities_answered": 1,
+        "snapshot_accepted": 1,
+        "rejected": 1,
+    }
     status, body = health(base)
     assert status == 200 and body["status"] == "ok"
     assert body["checks"]["broker"]["ok"] is True

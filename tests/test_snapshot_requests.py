@@ -23,7 +23,7 @@ import pytest
 from publisher import inventory
 from publisher.inbox import Inbox
 from publisher.requests import CapabilityResponder, requests_exchange
-from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
+from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid, wait_for
 from tests.test_publish_test_driver import domain_xml
 
 VIRTPUB = [sys.executable, "-m", "publisher"]
@@ -184,15 +184,6 @@ def io_thread(amqp_url: str) -> Iterator[IOThread]:
     thread = IOThread(amqp_url)
     yield thread
     thread.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition` held; fails the test after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def closing_after(step: str) -> tuple[type[CapabilityResponder], threading.Event]:
