@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import pika
 import pytest
 
 from publisher.spool import ROW_OVERHEAD
-from tests.rabbitnode import RabbitNode
+from tests.rabbitnode import RabbitNode, pick_port
 
 DOMAINS = 50
 BURST = 10_000
@@ -356,3 +357,86 @@ def _assert_snapshot_follows(bodies: list[dict[str, Any]], reports: list[dict[st
     ]  # fmt: skip
     assert [s["data"]["reason"] for s in snapshots][:2] == ["dropped", "dropped"]
     assert snapshots[1]["data"]["domains"] == DOMAINS
+
+
+def metric(port: int, name: str) -> float:
+    """One sample of virtpub's own /metrics, 0 while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """A second bound queue at `x-max-length` with `reject-publish`: the broker nacks.
+
+    The bounded queue is full before virtpub starts and is only drained, slower than
+    virtpub publishes, once the first nack is counted: from then on a refused message
+    must reach it before anything published after it, and every message arrives.
+    (Messages in flight when the first nack of an episode comes are the broker's to
+    take or refuse; that window is kept out of the order check by the filling.)
+    """
+    bounded = f"{queue}.bounded"
+    limit, burst = 100, 300
+    connection = pika.BlockingConnection(pika.URLParameters(node.url()))
+    channel = connection.channel()
+    channel.queue_declare(
+        bounded, durable=True, arguments={"x-max-length": limit, "x-overflow": "reject-publish"}
+    )
+    channel.queue_bind(bounded, queue, "#")
+    for n in range(limit):
+        channel.basic_publish("", bounded, json.dumps({"filler": n}).encode())
+    port = pick_port()
+    started = time.monotonic()
+    virtpub = start_virtpub(
+        node,
+        queue,
+        tmp_path,
+        count=burst,
+        rate=300,
+        extra=["--metrics-listen", f"127.0.0.1:{port}"],
+    )
+    wait_until(lambda: metric(port, "virtpub_messages_nacked") > 0, 30, "the first nack")
+    first_nack = time.monotonic() - started
+    order: list[int] = []
+    events: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(events) < burst or set(order) != set(range(1, _spooled_sequence(tmp_path) + 1)):
+        assert time.monotonic() < deadline, f"{len(set(order))} in the bounded queue"
+        method, _props, body = channel.basic_get(bounded, auto_ack=True)
+        message = json.loads(body) if method is not None else {}
+        if "sequence" in message:
+            order.append(message["sequence"])
+            if message["data"].get("origin") == "libvirt":
+                events.add(message["id"])
+        connection.sleep(0.004)  # slower than virtpub publishes: the queue reaches its limit
+    wait_until(lambda: metric(port, "virtpub_spool_messages") == 0, 30, "an empty spool")
+    counts = {
+        name: metric(port, f"virtpub_messages_{name}")
+        for name in ("published", "confirmed", "nacked", "reconnects")
+    }
+    stderr = stop(virtpub)
+    accepted = _spooled_sequence(tmp_path)
+    channel.queue_delete(bounded)
+    connection.close()
+    everything = read_all(node, queue)
+    delivered = {b["sequence"] for b in everything}
+    print(
+        f"\nnacks: accepted {accepted}, delivered {len(delivered)}, "
+        f"missing {accepted - len(delivered)}, first nack after {first_nack:.1f} s, {counts}"
+    )
+    assert_complete(everything, burst)
+    first_seen = list(dict.fromkeys(order))
+    assert first_seen == sorted(first_seen), "a message overtook a refused one"
+    assert counts["nacked"] > 0 and counts["reconnects"] == 0
+    # Each publish gets one confirm; only acks count as confirmed, once per message.
+    assert counts["confirmed"] == accepted
+    assert counts["published"] == counts["confirmed"] + counts["nacked"]
+    assert "resending in order" in stderr
