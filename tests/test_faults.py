@@ -26,6 +26,7 @@ import pika
 import pytest
 
 from publisher.spool import ROW_OVERHEAD
+from tests.blackhole import BlackHoleProxy
 from tests.rabbitnode import RabbitNode, pick_port
 
 DOMAINS = 50
@@ -62,11 +63,13 @@ def start_virtpub(
     count: int = BURST,
     rate: int = 2500,
     extra: list[str] | None = None,
+    urls: list[str] | None = None,
 ) -> subprocess.Popen[str]:
     uri = f"synthetic:///?domains={DOMAINS}&rate={rate}&count={count}"
+    url_options = [arg for url in urls or [node.url()] for arg in ("--amqp-url", url)]
     return subprocess.Popen(
         [sys.executable, "-m", "publisher", "run", "--libvirt-uri", uri,
-         "--amqp-url", node.url(), "--exchange", exchange, "--state-dir", str(state_dir),
+         *url_options, "--exchange", exchange, "--state-dir", str(state_dir),
          "--host-id", "faulty", *(extra or [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -440,3 +443,79 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
     assert counts["confirmed"] == accepted
     assert counts["published"] == counts["confirmed"] + counts["nacked"]
     assert "resending in order" in stderr
+
+
+def through(proxy: BlackHoleProxy, node: RabbitNode, heartbeat: int | None = None) -> list[str]:
+    """The proxy first, the broker itself second, as `--amqp-url`s."""
+    query = f"?heartbeat={heartbeat}" if heartbeat else ""
+    first = node.url().replace(f":{node.port}/", f":{proxy.port}/") + query
+    return [first, node.url() + query]
+
+
+def test_a_silent_partition_in_a_burst_fails_over_on_stalled_confirms(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """The proxy stops forwarding mid-burst, closing nothing. With messages in flight the
+    confirms that stop coming tell first: virtpub fails over to the second URL within
+    10 s (pika's heartbeat check alone took 37.7 s), and nothing accepted is missing."""
+    burst, port = 3000, pick_port()
+    with BlackHoleProxy(("127.0.0.1", node.port)) as proxy:
+        virtpub = start_virtpub(
+            node, queue, tmp_path, count=burst, rate=300, urls=through(proxy, node),
+            extra=["--metrics-listen", f"127.0.0.1:{port}"],
+        )  # fmt: skip
+        wait_until(lambda: depth(node, queue) > STARTUP + 500, 60, "the burst to start")
+        proxy.partition()
+        cut = time.monotonic()
+        held = depth(node, queue)
+        wait_until(lambda: metric(port, "virtpub_messages_reconnects") >= 1, 30, "a failover")
+        detected = time.monotonic() - cut
+        wait_until(lambda: depth(node, queue) > held + 250, 30, "publishing again")
+        resumed = time.monotonic() - cut
+        proxy.heal()
+        wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
+        wait_until(_settled(node, queue), 60, "the queue to settle")
+        stderr = stop(virtpub)
+    accepted = _spooled_sequence(tmp_path)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\npartition in a burst: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, detected after {detected:.1f} s,"
+        f" publishing again after {resumed:.1f} s"
+    )
+    assert "no confirm for" in stderr
+    assert resumed < 10.0
+    assert_complete(bodies, burst)
+
+
+def test_a_silent_partition_of_an_idle_connection_is_noticed_within_two_heartbeats(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """Nothing in flight: silence is the only sign. The broker sends a heartbeat every
+    half heartbeat, so one heartbeat without a byte means the connection is gone."""
+    heartbeat, port = 4, pick_port()
+    with BlackHoleProxy(("127.0.0.1", node.port)) as proxy:
+        virtpub = start_virtpub(
+            node, queue, tmp_path, count=0, rate=0, urls=through(proxy, node, heartbeat),
+            extra=["--metrics-listen", f"127.0.0.1:{port}"],
+        )  # fmt: skip
+        wait_until(lambda: metric(port, "virtpub_spool_messages") == 0 and depth(node, queue) > 0,
+                   60, "the startup messages")  # fmt: skip
+        proxy.partition()
+        cut = time.monotonic()
+        wait_until(lambda: metric(port, "virtpub_messages_reconnects") >= 1, 30, "a failover")
+        detected = time.monotonic() - cut
+        proxy.heal()
+        stderr = stop(virtpub)
+    accepted = _spooled_sequence(tmp_path)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\nidle partition: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, detected after {detected:.1f} s"
+        f" (heartbeat {heartbeat} s)"
+    )
+    assert "nothing heard for" in stderr
+    assert detected < 2 * heartbeat
+    assert_complete(bodies, 0)
