@@ -153,7 +153,7 @@ def test_virtpub_killed_during_a_burst_resends_after_restart(
     wait_until(lambda: depth(node, queue) > STARTUP + 3000, 60, "the burst to start")
     virtpub.send_signal(signal.SIGKILL)
     virtpub.wait(10)
-    accepted = _spooled_sequence(tmp_path)
+    accepted = spooled_sequence(tmp_path)
     restarted = start_virtpub(node, queue, tmp_path, count=0, rate=0)  # no new events
     wait_until(lambda: depth(node, queue) >= accepted, 120, "the spooled events")
     wait_until(_settled(node, queue), 60, "the queue to settle")
@@ -200,7 +200,7 @@ def test_broker_down_when_virtpub_starts(node: RabbitNode, queue: str, tmp_path:
     assert_complete(read_all(node, queue), 2000)
 
 
-def _spooled_sequence(state_dir: Path) -> int:
+def spooled_sequence(state_dir: Path) -> int:
     """The last sequence virtpub accepted before it was killed, from its spool."""
     with sqlite3.connect(state_dir / "spool.sqlite3") as db:
         row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
@@ -411,7 +411,7 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
     order: list[int] = []
     events: set[str] = set()
     deadline = time.monotonic() + 120
-    while len(events) < burst or set(order) != set(range(1, _spooled_sequence(tmp_path) + 1)):
+    while len(events) < burst or set(order) != set(range(1, spooled_sequence(tmp_path) + 1)):
         assert time.monotonic() < deadline, f"{len(set(order))} in the bounded queue"
         method, _props, body = channel.basic_get(bounded, auto_ack=True)
         message = json.loads(body) if method is not None else {}
@@ -426,7 +426,7 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
         for name in ("published", "confirmed", "nacked", "reconnects")
     }
     stderr = stop(virtpub)
-    accepted = _spooled_sequence(tmp_path)
+    accepted = spooled_sequence(tmp_path)
     channel.queue_delete(bounded)
     connection.close()
     everything = read_all(node, queue)
@@ -476,7 +476,7 @@ def test_a_silent_partition_in_a_burst_fails_over_on_stalled_confirms(
         wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
         wait_until(_settled(node, queue), 60, "the queue to settle")
         stderr = stop(virtpub)
-    accepted = _spooled_sequence(tmp_path)
+    accepted = spooled_sequence(tmp_path)
     bodies = read_all(node, queue)
     delivered = len({b["sequence"] for b in bodies})
     print(
@@ -508,7 +508,7 @@ def test_a_silent_partition_of_an_idle_connection_is_noticed_within_two_heartbea
         detected = time.monotonic() - cut
         proxy.heal()
         stderr = stop(virtpub)
-    accepted = _spooled_sequence(tmp_path)
+    accepted = spooled_sequence(tmp_path)
     bodies = read_all(node, queue)
     delivered = len({b["sequence"] for b in bodies})
     print(
