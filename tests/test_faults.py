@@ -9,6 +9,7 @@ domain's `seq` has no gap, and every synthetic event arrived at least once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -519,3 +520,56 @@ def test_a_silent_partition_of_an_idle_connection_is_noticed_within_two_heartbea
     assert "nothing heard for" in stderr
     assert detected < 2 * heartbeat
     assert_complete(bodies, 0)
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file until its filesystem is full; returns it (delete it to make room)."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+    return filler
+
+
+def test_a_full_state_filesystem_holds_events_and_recovers_when_space_returns(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """The state directory is a 64 MiB tmpfs of the test's own, filled up mid-burst:
+    virtpub keeps running, says so in one line, takes no new events (the block policy's
+    backpressure) and, once the space is freed, spools and delivers every event."""
+    state, burst = tmp_path / "state", 1500
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(state)], check=True)
+    try:
+        virtpub = start_virtpub(node, queue, state, count=burst, rate=100)
+        wait_until(lambda: depth(node, queue) > STARTUP + 200, 60, "the burst to start")
+        filler = fill(state)
+        filled = time.monotonic()
+        held = depth(node, queue)
+        wait_until(lambda: depth(node, queue) == held and time.monotonic() - filled > 3, 30,
+                   "publishing to stop")  # fmt: skip
+        assert virtpub.poll() is None, "a full disk must not stop virtpub"
+        stalled_for = time.monotonic() - filled
+        filler.unlink()
+        try:
+            wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
+        except BaseException:
+            virtpub.kill()
+            print(virtpub.communicate()[1][-3000:])
+            raise
+        wait_until(_settled(node, queue), 60, "the queue to settle")
+        stderr = stop(virtpub)
+        accepted = spooled_sequence(state)
+    finally:
+        subprocess.run(["umount", "--lazy", str(state)], check=False)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\nfull disk: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, {held} in the queue when the disk filled,"
+        f" held for {stalled_for:.1f} s"
+    )
+    assert stderr.count("ERROR") == 1 and "is full" in stderr, stderr[-2000:]
+    assert "room again" in stderr
+    assert "Traceback" not in stderr
+    assert_complete(bodies, burst)
