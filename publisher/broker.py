@@ -44,6 +44,9 @@ DEFAULT_HEARTBEAT_S = 15
 DEFAULT_WINDOW = 1000
 NACK_CAREFUL_S = 10.0
 """One message at a time for this long after a nack: none overtakes a refused one."""
+NACK_RECONNECT_AFTER = 3
+"""Refusals in a row, no ack between, after which the connection is replaced: a channel
+can keep refusing where a fresh one is served (a quorum queue whose leader moved)."""
 CONFIRM_STALL_S = 5.0
 """Messages in flight and not one confirm for this long: the connection is taken for dead."""
 WATCH_INTERVAL_S = 0.5
@@ -573,7 +576,6 @@ class Broker:
             self._refused.extend(refused)
         self.nacked += len(refused)
         self._careful_until = time.monotonic() + NACK_CAREFUL_S
-        log.warning("broker refused %d message(s) (nack); resending in order", len(refused))
         self._resend_refused()
 
     def _resend_refused(self) -> None:
@@ -583,9 +585,19 @@ class Broker:
             return
         if self._in_flight:
             return  # the broker may still take or refuse these; its confirms come first
+        count = len(self._refused)
         self._requeue_in_flight()
-        delay = retry.backoff_s(self._nack_streak)
         self._nack_streak += 1
+        if self._nack_streak % NACK_RECONNECT_AFTER == 0:
+            log.warning("broker refused %d message(s) (nack), %d times in a row; resending in"
+                        " order on a new connection", count, self._nack_streak)  # fmt: skip
+            self._session_ready = False  # so the reconnect waits out a backoff
+            self._session_error = BrokerUnavailableError("the broker keeps refusing (nack)")
+            self._close_connection()
+            return
+        delay = retry.backoff_s(self._nack_streak - 1)
+        log.warning("broker refused %d message(s) (nack); resending in order in %.1f s",
+                    count, delay)  # fmt: skip
         self._resend_pending = True
         self._connection.ioloop.call_later(delay, self._on_resend_due)
 
