@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 CapabilityLookup = Callable[[str, int], capability_map.DriverRow | None]
 """conn.getType() and conn.getLibVersion() to what that driver emits; None: trust the probe."""
 
+KEEPALIVE_INTERVAL_S = 3
+KEEPALIVE_COUNT = 2
+"""A libvirtd that answers no keepalive for about interval x (count + 1) = 9 s is taken for
+lost. Keepalives are answered by libvirtd's event loop, not its workers, so a busy daemon
+still answers; a hung one (SIGSTOP, a stuck loop) does not, and any call waiting on it
+fails then instead of hanging the daemon thread."""
+
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -156,7 +163,7 @@ class LibvirtDomainDriver:
         """Opens the connection, watches it for loss, subscribes, and describes what it emits."""
         conn = libvirt.open(self.uri)
         try:
-            conn.setKeepAlive(5, 3)
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
         except libvirt.libvirtError as err:
             log.debug("libvirt %s has no keepalive: %s", self.uri, err)
         conn.registerCloseCallback(self._on_close, None)

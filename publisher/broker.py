@@ -17,6 +17,7 @@ settings is used as it is (publisher.topology).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -46,6 +47,16 @@ from publisher.topology import ExchangeSetup
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 1000
+NACK_CAREFUL_S = 10.0
+"""One message at a time for this long after a nack: none overtakes a refused one."""
+NACK_RECONNECT_AFTER = 3
+"""Refusals in a row, no ack between, after which the connection is replaced: a channel
+can keep refusing where a fresh one is served (a quorum queue whose leader moved)."""
+CONFIRM_STALL_S = 5.0
+"""Messages in flight and not one confirm for this long: the connection is taken for dead."""
+WATCH_INTERVAL_S = 0.5
+CLOSE_GRACE_S = 1.0
+"""How long a clean close of a dead connection may take before its transport is aborted."""
 FRAMING_BYTES = 8
 """A frame's type, channel and size (7 bytes) and its end octet."""
 _FATAL_REPLY_CODES = frozenset({403, 406})  # ACCESS_REFUSED, PRECONDITION_FAILED
@@ -98,6 +109,16 @@ class Broker:
         self._connected_before = False
         """Owned by the I/O thread: a later connection is a reconnect, to be announced."""
         self._first_attempt_done = threading.Event()
+        self._refused: list[tuple[int, OutgoingMessage]] = []
+        """Nacked on the current channel, waiting for every confirm still due."""
+        self._resend_pending = False
+        """A resend after a nack waits out its backoff: nothing is published meanwhile."""
+        self._nack_streak = 0
+        self._careful_until = 0.0
+        self._stalled_since = 0.0
+        """When the oldest confirm still awaited became due (a publish or the last confirm)."""
+        self._heard_bytes = 0
+        self._heard_at = 0.0
 
         self.published = 0
         self.confirmed = 0
@@ -162,7 +183,7 @@ class Broker:
 
     def unconfirmed(self) -> int:
         with self._lock:
-            return len(self._outbound) + len(self._in_flight)
+            return len(self._outbound) + len(self._in_flight) + len(self._refused)
 
     def drain(self, timeout: float) -> bool:
         """Waits until every submitted message is confirmed; False if time ran out."""
@@ -171,7 +192,10 @@ class Broker:
         with self._lock:
             return (
                 self._lock.wait_for(
-                    lambda: (not self._outbound and not self._in_flight) or self._fatal is not None,
+                    lambda: (
+                        not (self._outbound or self._in_flight or self._refused)
+                        or self._fatal is not None
+                    ),
                     timeout,
                 )
                 and self._fatal is None
@@ -359,7 +383,53 @@ class Broker:
         if self._responder is not None:
             self._responder.attach(self._connection)
         self._first_attempt_done.set()
+        self._resend_pending = False
+        self._heard_bytes, self._heard_at = self._connection.bytes_received, time.monotonic()
+        self._connection.ioloop.call_later(WATCH_INTERVAL_S, self._watch_connection)
         self._pump()
+
+    def _watch_connection(self) -> None:
+        """Every WATCH_INTERVAL_S on the I/O thread: is the broker still there?
+
+        A partition that drops packets closes nothing, and pika's own heartbeat check
+        takes up to twice the heartbeat plus 5 s to notice. Confirms that stop coming
+        while messages are in flight (and the broker has not blocked us) are the
+        fastest sign; on an idle connection, a heartbeat's worth of silence is (the
+        broker sends one every half heartbeat).
+        """
+        connection = self._connection
+        if connection is None or not connection.is_open or not self._session_ready:
+            return
+        now = time.monotonic()
+        if connection.bytes_received != self._heard_bytes:
+            self._heard_bytes, self._heard_at = connection.bytes_received, now
+        heartbeat = connection.params.heartbeat or 0
+        if self._in_flight and not self._blocked and now - self._stalled_since > CONFIRM_STALL_S:
+            self._abandon(f"no confirm for {now - self._stalled_since:.1f} s with"
+                          f" {len(self._in_flight)} message(s) in flight")  # fmt: skip
+        elif heartbeat > 0 and now - self._heard_at > heartbeat:
+            self._abandon(
+                f"nothing heard for {now - self._heard_at:.1f} s (heartbeat {heartbeat} s)"
+            )
+        else:
+            connection.ioloop.call_later(WATCH_INTERVAL_S, self._watch_connection)
+
+    def _abandon(self, why: str) -> None:
+        """Takes a silent connection for dead: closes it, and aborts its transport if the
+        close is not done within CLOSE_GRACE_S (a dead peer never answers Connection.Close,
+        and TCP's own timeouts take minutes). Unconfirmed messages go back to the queue."""
+        connection = self._connection
+        log.warning("broker %s is silent: %s; failing over", self._url, why)
+        self._session_error = BrokerUnavailableError(f"silent broker: {why}")
+        connection.close(reply_text=f"virtpub: {why}")
+        connection.ioloop.call_later(CLOSE_GRACE_S, functools.partial(self._abort, connection, why))
+
+    def _abort(self, connection: Any, why: str) -> None:
+        if connection is self._connection and not connection.is_closed:
+            log.warning(
+                "broker %s: clean close did not complete; aborting the connection", self._url
+            )
+            connection._terminate_stream(pika.exceptions.StreamLostError(why))
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if self._channel is channel:
@@ -382,6 +452,7 @@ class Broker:
 
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
         self._blocked = False
+        self._stalled_since = time.monotonic()  # confirms were not due while blocked
         log.info("broker %s unblocked publishing", self._url)
         self._pump()
 
@@ -391,7 +462,10 @@ class Broker:
         # message published earlier would never be acked.
         if channel is None or not channel.is_open or self._blocked or not self._session_ready:
             return
-        room = self._window - len(self._in_flight)
+        if self._resend_pending or self._refused:
+            return
+        window = 1 if time.monotonic() < self._careful_until else self._window
+        room = window - len(self._in_flight)
         if room <= 0:
             return
         with self._lock:
@@ -407,6 +481,8 @@ class Broker:
         connection.bytes_sent += len(data)
         connection.frames_sent += 3 * len(batch)
         connection._adapter_emit_data(data)
+        if not self._in_flight:
+            self._stalled_since = time.monotonic()
         for message in batch:
             self._next_tag += 1
             self._in_flight.append((self._next_tag, message))
@@ -416,10 +492,11 @@ class Broker:
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
         in_flight = self._in_flight
+        self._stalled_since = time.monotonic()
         if not isinstance(method, pika.spec.Basic.Ack):
-            if self._session_ready:  # later nacks of a channel being closed count no more
-                self._on_nack(sum(t <= tag if multiple else t == tag for t, _ in in_flight))
+            self._on_nack(tag, multiple)
             return
+        self._nack_streak = 0
         messages: list[OutgoingMessage] = []
         if multiple:
             while in_flight and in_flight[0][0] <= tag:
@@ -441,23 +518,57 @@ class Broker:
             self._on_confirmed(messages)
         with self._lock:
             self._lock.notify_all()
+        self._resend_refused()
         self._pump()
 
-    def _on_nack(self, count: int) -> None:
-        """Resends from the first refused message on, in order, after a backoff.
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        """Sets the refused messages aside; they are resent first once every confirm due
+        before them has come, after a backoff (a full queue with reject-publish must not be
+        hammered), and one message at a time for NACK_CAREFUL_S.
 
-        Resending only the refused ones would put them behind later messages of
-        the same domain. Closing the channel sends every unconfirmed message
-        again in its original order (the broker may then hold some twice; ids
-        tell them apart), and the backoff keeps a broker that keeps refusing
-        (a full queue with reject-publish) from being hammered.
+        Nothing is published in the meantime, and a message is only published once the
+        one before it is acked, so no later message can reach a queue before a refused one
+        that is resent. Messages already in flight when the first nack comes are the
+        broker's to take or refuse: they were sent before anything could know.
+        A nack is never a delivery: the spool keeps the message.
         """
-        self.nacked += count
-        log.warning("broker refused %d message(s) (nack); resending in order", count)
-        self._session_ready = False  # so the reconnect waits out a backoff
-        self._session_error = BrokerUnavailableError("the broker refused messages (nack)")
-        if self._channel is not None and self._channel.is_open:
-            self._channel.close()
+        refused = [e for e in self._in_flight if (e[0] <= tag if multiple else e[0] == tag)]
+        if not refused:
+            return
+        with self._lock:
+            for entry in refused:
+                self._in_flight.remove(entry)
+            self._refused.extend(refused)
+        self.nacked += len(refused)
+        self._careful_until = time.monotonic() + NACK_CAREFUL_S
+        self._resend_refused()
+
+    def _resend_refused(self) -> None:
+        """Once no confirm is due any more, puts the refused messages back in front, in
+        their order, and schedules the pump after a backoff that grows with each refusal."""
+        if not self._refused or self._resend_pending:
+            return
+        if self._in_flight:
+            return  # the broker may still take or refuse these; its confirms come first
+        count = len(self._refused)
+        self._requeue_in_flight()
+        self._nack_streak += 1
+        if self._nack_streak % NACK_RECONNECT_AFTER == 0:
+            log.warning("broker refused %d message(s) (nack), %d times in a row; resending in"
+                        " order on a new connection", count, self._nack_streak)  # fmt: skip
+            self._session_ready = False  # so the reconnect waits out a backoff
+            self._session_error = BrokerUnavailableError("the broker keeps refusing (nack)")
+            self._close_connection()
+            return
+        delay = retry.backoff_s(self._nack_streak - 1)
+        log.warning("broker refused %d message(s) (nack); resending in order in %.1f s",
+                    count, delay)  # fmt: skip
+        self._resend_pending = True
+        self._connection.ioloop.call_later(delay, self._on_resend_due)
+
+    def _on_resend_due(self) -> None:
+        self._resend_pending = False
+        self._pump()
 
     def _on_return(self, _channel: Any, method: Any, props: Any, _body: bytes) -> None:
         """A message no binding matched and no alternate exchange took (no policy sets one,
@@ -488,16 +599,22 @@ class Broker:
         )
 
     def _requeue_in_flight(self) -> None:
-        if not self._in_flight:
+        """Every unconfirmed message, refused or in flight, back in front in its order."""
+        if not self._in_flight and not self._refused:
             return
-        pending = [message for _, message in self._in_flight]
-        self._in_flight.clear()
         with self._lock:
-            self._outbound.extendleft(reversed(pending))
+            pending = sorted([*self._refused, *self._in_flight], key=lambda e: e[0])
+            self._refused.clear()
+            self._in_flight.clear()
+            self._outbound.extendleft(reversed([m for _, m in pending]))
 
     def _close_connection(self) -> None:
         connection = self._connection
         if connection is not None and connection.is_open:
             connection.close()
+            why = "stopping"
+            connection.ioloop.call_later(
+                CLOSE_GRACE_S, functools.partial(self._abort, connection, why)
+            )
         elif connection is not None and not connection.is_closing:
             connection.ioloop.stop()

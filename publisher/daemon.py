@@ -32,7 +32,14 @@ from publisher.metrics import Counters, MetricsServer
 from publisher.model import Publication, Tracker
 from publisher.redact import redact_url
 from publisher.requests import CapabilityResponder
-from publisher.spool import DroppedRange, Spool, SpoolError, stored_size
+from publisher.spool import (
+    DomainChanges,
+    DroppedRange,
+    Spool,
+    SpoolDiskFullError,
+    SpoolError,
+    stored_size,
+)
 from publisher.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ DROP_REPORT_INTERVAL_S = 1.0
 """At most one publisher.dropped (and the snapshot after it) per interval under sustained loss."""
 FIRST_CONNECT_WAIT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
+DISK_FULL_RETRY_S = 0.5
 ROUTING_KEY_FORMAT = "v<major>.<host_id>.<entity>.<event>[.<detail>]"
 _EXISTENCE_BY_POLL = frozenset({"defined", "undefined", "started", "stopped"})
 
@@ -82,6 +90,8 @@ class Daemon:
         self._handed = 0
         """The sequence of the last message handed to the broker."""
         self._pending: list[OutgoingMessage] = []
+        self._unspooled: tuple[list[OutgoingMessage], DomainChanges] | None = None
+        """Messages (and the domain records they lead to) a full disk kept out of the spool."""
         self._trackers: dict[str, Tracker] = {}
         self._next_poll: dict[str, float] = {}
         self._queue_drops = DropCounter()
@@ -196,6 +206,15 @@ class Daemon:
         while not stop.is_set():
             if broker.fatal is not None:
                 raise BrokerFatalError(broker.fatal)
+            if self._unspooled is not None:
+                # A full disk: nothing more is taken (signals wait in the bounded queue,
+                # then are counted as dropped) until the held messages are spooled.
+                stop.wait(DISK_FULL_RETRY_S)
+                spool.reclaim()
+                self._commit(spool, broker)
+                self._feed(spool, broker)
+                self._notifier.watchdog()
+                continue
             if self._announce.is_set():
                 self._announce.clear()
                 self._add_capabilities()
@@ -477,12 +496,28 @@ class Daemon:
 
     def _commit(self, spool: Spool, broker: Broker) -> None:
         """Spools the pending messages with the domain records they lead to, in one transaction."""
-        if not self._pending:
+        if self._unspooled is not None:
+            messages, changes = self._unspooled
+        elif self._pending:
+            messages, self._pending = self._pending, []
+            changes = {backend: t.take_changes() for backend, t in self._trackers.items()}
+        else:
             return
-        messages, self._pending = self._pending, []
-        changes = {backend: t.take_changes() for backend, t in self._trackers.items()}
-        self._make_room(spool, broker, messages)
-        spool.append(messages, changes)
+        try:
+            self._make_room(spool, broker, messages)
+            spool.append(messages, changes)
+        except SpoolDiskFullError as err:
+            if self._unspooled is None:
+                log.error(
+                    "%s; holding %d message(s) and taking no new events until there is room",
+                    err,
+                    len(messages),
+                )
+            self._unspooled = messages, changes
+            return
+        if self._unspooled is not None:
+            self._unspooled = None
+            log.info("spool: room again; %d held message(s) spooled", len(messages))
         self._feed(spool, broker, messages)
 
     def _feed(
@@ -516,6 +551,13 @@ class Daemon:
     def _flush(self, spool: Spool, broker: Broker) -> None:
         """Spools what drivers queued before they stopped, so nothing accepted is lost."""
         try:
+            self._commit(spool, broker)  # what a full disk held back, first
+            if self._unspooled is not None:
+                log.error(
+                    "could not spool %d held message(s) at shutdown: the disk is still full",
+                    len(self._unspooled[0]),
+                )
+                return
             self._take_queued(INBOX_LIMIT)
             self._commit(spool, broker)
         except SpoolError as err:

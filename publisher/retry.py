@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 
 import tenacity
 
 INITIAL_S = 0.5
 MAX_S = 30.0
+JITTER_S = 1.0
+
+
+def backoff_s(retries: int) -> float:
+    """The wait before the next try after `retries` failed ones: exponential, with jitter,
+    at most MAX_S. For waits no exception drives (a broker's nack)."""
+    return min(INITIAL_S * 2.0**retries + random.uniform(0, JITTER_S), MAX_S)
 
 
 def until_stopped(
@@ -32,7 +40,7 @@ def until_stopped(
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(retry_on),
-        wait=tenacity.wait_exponential_jitter(multiplier=INITIAL_S, max=MAX_S),
+        wait=lambda state: backoff_s(state.attempt_number - 1),
         stop=tenacity.stop_when_event_set(stop),
         sleep=sleep,
         before_sleep=announce,

@@ -142,6 +142,11 @@ class SpoolError(Exception):
     """The spool cannot be opened or written; one line for the operator."""
 
 
+class SpoolDiskFullError(SpoolError):
+    """The state directory's filesystem is full: nothing was written, and trying again
+    once there is room succeeds."""
+
+
 class Spool:
     JANITOR_PERIOD_S = 0.02
     CHECKPOINT_EVERY = 5_000
@@ -156,6 +161,7 @@ class Spool:
         self._confirmed_lock = threading.Lock()
         self._janitor_lock = threading.Lock()
         self._deleted = 0
+        self._janitor_failing = False
         self._wake = threading.Event()
         self._closing = False
         try:
@@ -241,7 +247,8 @@ class Spool:
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (messages[-1].sequence,),
             )
-            freed = self._forget_confirmed()
+            freed, settled = self._forget_confirmed()
+        self._settle(*settled)
         size = sum(map(stored_size, messages))
         with self._lock:
             self._bytes += size - freed
@@ -327,7 +334,10 @@ class Spool:
             if due:
                 # On a connection of its own, without the lock: a checkpoint fsyncs the
                 # database, and appends must not wait for that.
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                try:
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as err:
+                    self._janitor_failed("could not checkpoint", err)
 
     def _delete_batch(self) -> None:
         """For when no append comes to take the confirmations along."""
@@ -338,27 +348,39 @@ class Spool:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
                     self._db.execute("BEGIN")
-                    freed = self._forget_confirmed()
+                    freed, settled = self._forget_confirmed()
                     self._db.execute("COMMIT")
                     self._bytes -= freed
                 finally:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     self._db.execute("PRAGMA synchronous=FULL")
+            self._settle(*settled)
         except sqlite3.Error as err:
-            # Kept rows are only resent (same ids) at the next start.
-            log.error("spool: could not delete confirmed messages: %s", err)
+            # The confirmations stay listed, and the next sweep or append tries again.
+            self._janitor_failed("could not delete confirmed messages", err)
+            return
+        if self._janitor_failing:
+            self._janitor_failing = False
+            log.info("spool: deleting confirmed messages again")
 
-    def _forget_confirmed(self) -> int:
+    def _janitor_failed(self, what: str, err: sqlite3.Error) -> None:
+        """One line when the janitor starts failing (a full disk fails every sweep)."""
+        if not self._janitor_failing:
+            self._janitor_failing = True
+            log.warning("spool: %s: %s; trying again", what, err)
+
+    def _forget_confirmed(self) -> tuple[int, tuple[int, int]]:
         """In the caller's transaction: keeps what the broker returned, deletes what it
-        confirmed, and says how many bytes that frees once committed.
+        confirmed, and says how many bytes that frees once committed, and how many of
+        each list to `_settle` then (until the commit, they stay listed: a transaction
+        that fails, on a full disk say, loses none of them).
 
         Appends call it too, so that in a burst confirmations cost no transaction of
         their own; returned copies are stored first, in the same transaction.
         """
         with self._confirmed_lock:
-            batch, self._confirmed = self._confirmed, []
-            returned, self._returned = self._returned, []
+            batch, returned = list(self._confirmed), list(self._returned)
         if returned:
             self._db.executemany(
                 "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -369,8 +391,15 @@ class Spool:
                 "DELETE FROM messages WHERE sequence BETWEEN ? AND ?",
                 _ranges(sorted(s for s, _ in batch)),
             )
-        self._deleted += len(batch)
-        return sum(size for _, size in batch)
+        return sum(size for _, size in batch), (len(batch), len(returned))
+
+    def _settle(self, confirmed: int, returned: int) -> None:
+        """After the commit: the first `confirmed` and `returned` entries are on disk now."""
+        with self._confirmed_lock:
+            del self._confirmed[:confirmed]
+            del self._returned[:returned]
+        with self._lock:
+            self._deleted += confirmed
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -383,7 +412,22 @@ class Spool:
             except sqlite3.Error as err:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+                if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise SpoolDiskFullError(
+                        f"spool: the filesystem of {str(self.path.parent)!r} is full: {err}"
+                    ) from err
                 raise SpoolError(f"spool: cannot write {str(self.path)!r}: {err}") from err
+
+    def reclaim(self) -> None:
+        """After a full disk: deletes what is confirmed, then checkpoints and truncates the
+        WAL. Until a checkpoint the WAL only grows (into any space freed meanwhile), and
+        the janitor's checkpoint waits for deletes that a full disk fails."""
+        self._delete_confirmed()
+        with self._janitor_lock:
+            try:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as err:
+                self._janitor_failed("could not checkpoint", err)
 
     def first_sequence(self) -> int:
         """The sequence of the oldest unconfirmed message (0 when there is none)."""

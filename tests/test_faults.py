@@ -9,12 +9,14 @@ domain's `seq` has no gap, and every synthetic event arrived at least once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -25,7 +27,8 @@ import pika
 import pytest
 
 from publisher.spool import ROW_OVERHEAD
-from tests.rabbitnode import RabbitNode
+from tests.blackhole import BlackHoleProxy
+from tests.rabbitnode import RabbitNode, pick_port
 
 DOMAINS = 50
 BURST = 10_000
@@ -59,11 +62,13 @@ def start_virtpub(
     count: int = BURST,
     rate: int = 2500,
     extra: list[str] | None = None,
+    urls: list[str] | None = None,
 ) -> subprocess.Popen[str]:
     uri = f"synthetic:///?domains={DOMAINS}&rate={rate}&count={count}"
+    url_options = [arg for url in urls or [node.url()] for arg in ("--amqp-url", url)]
     return subprocess.Popen(
         [sys.executable, "-m", "publisher", "run", "--libvirt-uri", uri,
-         "--amqp-url", node.url(), "--exchange", exchange, "--state-dir", str(state_dir),
+         *url_options, "--exchange", exchange, "--state-dir", str(state_dir),
          "--host-id", "faulty", *(extra or [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -147,7 +152,7 @@ def test_virtpub_killed_during_a_burst_resends_after_restart(
     wait_until(lambda: depth(node, queue) > STARTUP + 3000, 60, "the burst to start")
     virtpub.send_signal(signal.SIGKILL)
     virtpub.wait(10)
-    accepted = _spooled_sequence(tmp_path)
+    accepted = spooled_sequence(tmp_path)
     restarted = start_virtpub(node, queue, tmp_path, count=0, rate=0)  # no new events
     wait_until(lambda: depth(node, queue) >= accepted, 120, "the spooled events")
     wait_until(_settled(node, queue), 60, "the queue to settle")
@@ -194,7 +199,7 @@ def test_broker_down_when_virtpub_starts(node: RabbitNode, queue: str, tmp_path:
     assert_complete(read_all(node, queue), 2000)
 
 
-def _spooled_sequence(state_dir: Path) -> int:
+def spooled_sequence(state_dir: Path) -> int:
     """The last sequence virtpub accepted before it was killed, from its spool."""
     with sqlite3.connect(state_dir / "spool.sqlite3") as db:
         row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
@@ -354,3 +359,215 @@ def _assert_snapshot_follows(bodies: list[dict[str, Any]], reports: list[dict[st
     ]  # fmt: skip
     assert [s["data"]["reason"] for s in snapshots][:2] == ["dropped", "dropped"]
     assert snapshots[1]["data"]["domains"] == DOMAINS
+
+
+def metric(port: int, name: str) -> float:
+    """One sample of virtpub's own /metrics, 0 while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """A second bound queue at `x-max-length` with `reject-publish`: the broker nacks.
+
+    The bounded queue is full before virtpub starts and is only drained, slower than
+    virtpub publishes, once the first nack is counted: from then on a refused message
+    must reach it before anything published after it, and every message arrives.
+    (Messages in flight when the first nack of an episode comes are the broker's to
+    take or refuse; that window is kept out of the order check by the filling.)
+    """
+    bounded = f"{queue}.bounded"
+    limit, burst = 100, 300
+    connection = pika.BlockingConnection(pika.URLParameters(node.url()))
+    channel = connection.channel()
+    channel.queue_declare(
+        bounded, durable=True, arguments={"x-max-length": limit, "x-overflow": "reject-publish"}
+    )
+    channel.queue_bind(bounded, queue, "#")
+    for n in range(limit):
+        channel.basic_publish("", bounded, json.dumps({"filler": n}).encode())
+    port = pick_port()
+    started = time.monotonic()
+    virtpub = start_virtpub(
+        node,
+        queue,
+        tmp_path,
+        count=burst,
+        rate=300,
+        extra=["--metrics-listen", f"127.0.0.1:{port}"],
+    )
+    wait_until(lambda: metric(port, "virtpub_messages_nacked") > 0, 30, "the first nack")
+    first_nack = time.monotonic() - started
+    order: list[int] = []
+    events: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(events) < burst or set(order) != set(range(1, spooled_sequence(tmp_path) + 1)):
+        assert time.monotonic() < deadline, f"{len(set(order))} in the bounded queue"
+        method, _props, body = channel.basic_get(bounded, auto_ack=True)
+        message = json.loads(body) if method is not None else {}
+        if "sequence" in message:
+            order.append(message["sequence"])
+            if message["data"].get("origin") == "libvirt":
+                events.add(message["id"])
+        connection.sleep(0.004)  # slower than virtpub publishes: the queue reaches its limit
+    wait_until(lambda: metric(port, "virtpub_spool_messages") == 0, 30, "an empty spool")
+    counts = {
+        name: metric(port, f"virtpub_messages_{name}")
+        for name in ("published", "confirmed", "nacked", "reconnects")
+    }
+    stderr = stop(virtpub)
+    accepted = spooled_sequence(tmp_path)
+    channel.queue_delete(bounded)
+    connection.close()
+    everything = read_all(node, queue)
+    delivered = {b["sequence"] for b in everything}
+    print(
+        f"\nnacks: accepted {accepted}, delivered {len(delivered)}, "
+        f"missing {accepted - len(delivered)}, first nack after {first_nack:.1f} s, {counts}"
+    )
+    assert_complete(everything, burst)
+    first_seen = list(dict.fromkeys(order))
+    assert first_seen == sorted(first_seen), "a message overtook a refused one"
+    assert counts["nacked"] > 0 and counts["reconnects"] == 0
+    # Each publish gets one confirm; only acks count as confirmed, once per message.
+    assert counts["confirmed"] == accepted
+    assert counts["published"] == counts["confirmed"] + counts["nacked"]
+    assert "resending in order" in stderr
+
+
+def through(proxy: BlackHoleProxy, node: RabbitNode, heartbeat: int | None = None) -> list[str]:
+    """The proxy first, the broker itself second, as `--amqp-url`s."""
+    query = f"?heartbeat={heartbeat}" if heartbeat else ""
+    first = node.url().replace(f":{node.port}/", f":{proxy.port}/") + query
+    return [first, node.url() + query]
+
+
+def test_a_silent_partition_in_a_burst_fails_over_on_stalled_confirms(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """The proxy stops forwarding mid-burst, closing nothing. With messages in flight the
+    confirms that stop coming tell first: virtpub fails over to the second URL within
+    10 s (pika's heartbeat check alone took 37.7 s), and nothing accepted is missing."""
+    burst, port = 3000, pick_port()
+    with BlackHoleProxy(("127.0.0.1", node.port)) as proxy:
+        virtpub = start_virtpub(
+            node, queue, tmp_path, count=burst, rate=300, urls=through(proxy, node),
+            extra=["--metrics-listen", f"127.0.0.1:{port}"],
+        )  # fmt: skip
+        wait_until(lambda: depth(node, queue) > STARTUP + 500, 60, "the burst to start")
+        proxy.partition()
+        cut = time.monotonic()
+        held = depth(node, queue)
+        wait_until(lambda: metric(port, "virtpub_messages_reconnects") >= 1, 30, "a failover")
+        detected = time.monotonic() - cut
+        wait_until(lambda: depth(node, queue) > held + 250, 30, "publishing again")
+        resumed = time.monotonic() - cut
+        proxy.heal()
+        wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
+        wait_until(_settled(node, queue), 60, "the queue to settle")
+        stderr = stop(virtpub)
+    accepted = spooled_sequence(tmp_path)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\npartition in a burst: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, detected after {detected:.1f} s,"
+        f" publishing again after {resumed:.1f} s"
+    )
+    assert "no confirm for" in stderr
+    assert resumed < 10.0
+    assert_complete(bodies, burst)
+
+
+def test_a_silent_partition_of_an_idle_connection_is_noticed_within_two_heartbeats(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """Nothing in flight: silence is the only sign. The broker sends a heartbeat every
+    half heartbeat, so one heartbeat without a byte means the connection is gone."""
+    heartbeat, port = 4, pick_port()
+    with BlackHoleProxy(("127.0.0.1", node.port)) as proxy:
+        virtpub = start_virtpub(
+            node, queue, tmp_path, count=0, rate=0, urls=through(proxy, node, heartbeat),
+            extra=["--metrics-listen", f"127.0.0.1:{port}"],
+        )  # fmt: skip
+        wait_until(lambda: metric(port, "virtpub_spool_messages") == 0 and depth(node, queue) > 0,
+                   60, "the startup messages")  # fmt: skip
+        proxy.partition()
+        cut = time.monotonic()
+        wait_until(lambda: metric(port, "virtpub_messages_reconnects") >= 1, 30, "a failover")
+        detected = time.monotonic() - cut
+        proxy.heal()
+        stderr = stop(virtpub)
+    accepted = spooled_sequence(tmp_path)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\nidle partition: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, detected after {detected:.1f} s"
+        f" (heartbeat {heartbeat} s)"
+    )
+    assert "nothing heard for" in stderr
+    assert detected < 2 * heartbeat
+    assert_complete(bodies, 0)
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file until its filesystem is full; returns it (delete it to make room)."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+    return filler
+
+
+def test_a_full_state_filesystem_holds_events_and_recovers_when_space_returns(
+    node: RabbitNode, queue: str, tmp_path: Path
+) -> None:
+    """The state directory is a 64 MiB tmpfs of the test's own, filled up mid-burst:
+    virtpub keeps running, says so in one line, takes no new events (the block policy's
+    backpressure) and, once the space is freed, spools and delivers every event."""
+    state, burst = tmp_path / "state", 1500
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(state)], check=True)
+    try:
+        virtpub = start_virtpub(node, queue, state, count=burst, rate=100)
+        wait_until(lambda: depth(node, queue) > STARTUP + 200, 60, "the burst to start")
+        filler = fill(state)
+        filled = time.monotonic()
+        held = depth(node, queue)
+        wait_until(lambda: depth(node, queue) == held and time.monotonic() - filled > 3, 30,
+                   "publishing to stop")  # fmt: skip
+        assert virtpub.poll() is None, "a full disk must not stop virtpub"
+        stalled_for = time.monotonic() - filled
+        filler.unlink()
+        try:
+            wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
+        except BaseException:
+            virtpub.kill()
+            print(virtpub.communicate()[1][-3000:])
+            raise
+        wait_until(_settled(node, queue), 60, "the queue to settle")
+        stderr = stop(virtpub)
+        accepted = spooled_sequence(state)
+    finally:
+        subprocess.run(["umount", "--lazy", str(state)], check=False)
+    bodies = read_all(node, queue)
+    delivered = len({b["sequence"] for b in bodies})
+    print(
+        f"\nfull disk: accepted {accepted}, delivered {delivered},"
+        f" missing {accepted - delivered}, {held} in the queue when the disk filled,"
+        f" held for {stalled_for:.1f} s"
+    )
+    assert stderr.count("ERROR") == 1 and "is full" in stderr, stderr[-2000:]
+    assert "room again" in stderr
+    assert "Traceback" not in stderr
+    assert_complete(bodies, burst)
