@@ -26,6 +26,8 @@ from typing import Any
 import pika
 import pytest
 
+from publisher.ask import ask
+from publisher.config import BrokerSettings
 from publisher.spool import ROW_OVERHEAD
 from tests.blackhole import BlackHoleProxy
 from tests.rabbitnode import RabbitNode, pick_port
@@ -471,6 +473,11 @@ def test_a_silent_partition_in_a_burst_fails_over_on_stalled_confirms(
         detected = time.monotonic() - cut
         wait_until(lambda: depth(node, queue) > held + 250, 30, "publishing again")
         resumed = time.monotonic() - cut
+        # Still partitioned: the dead connection holds the exclusive requests queue until
+        # the broker gives up on it, and virtpub must take the queue over then.
+        asked = BrokerSettings(amqp_urls=(node.url(),), exchange=queue)
+        wait_until(lambda: bool(ask(asked, ["faulty"], timeout=2)), 60, "requests served")
+        served = time.monotonic() - cut
         proxy.heal()
         wait_until(lambda: depth(node, queue) >= STARTUP + burst, 120, "every event")
         wait_until(_settled(node, queue), 60, "the queue to settle")
@@ -481,10 +488,12 @@ def test_a_silent_partition_in_a_burst_fails_over_on_stalled_confirms(
     print(
         f"\npartition in a burst: accepted {accepted}, delivered {delivered},"
         f" missing {accepted - delivered}, detected after {detected:.1f} s,"
-        f" publishing again after {resumed:.1f} s"
+        f" publishing again after {resumed:.1f} s,"
+        f" requests served again {served - detected:.1f} s after the failover"
     )
     assert "no confirm for" in stderr
     assert resumed < 10.0
+    assert served - detected < 60.0
     assert_complete(bodies, burst)
 
 
