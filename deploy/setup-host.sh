@@ -16,6 +16,7 @@ PACKAGES=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc
     libvirt-clients qemu-system-x86 libvirt-dev pkg-config rabbitmq-server
     gcc python3 python3-dev python3-venv openssl
+    debootstrap systemd-container   # tests/containers.py: Debian rootfs, systemd as PID 1
 )
 QEMU_CONF=/etc/libvirt/qemu.conf
 LIBVIRT_URI=qemu:///system

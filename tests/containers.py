@@ -35,6 +35,7 @@ BASE_PACKAGES = ("systemd", "dbus", "ca-certificates")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CACHE = CACHE.parent / "pip-cache"
+APT_ARCHIVES = CACHE.parent / "apt-archives"
 BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 60
 HALT_TIMEOUT_S = 30
@@ -92,13 +93,23 @@ class Container:
     """A booted container on a copy of `base`; the host's network, its own everything else.
 
     Without a private network the container reaches the host's services on 127.0.0.1 (the
-    shared RabbitMQ), and `binds` give it host paths (the libvirtd socket in /run/libvirt).
+    shared RabbitMQ), `binds` give it host paths (the libvirtd socket in /run/libvirt) and
+    `read_only_binds` host paths it cannot change (a checkout), each `SOURCE[:DEST]`.
+    pip's cache, and apt's downloaded packages for this rootfs, persist between containers.
     """
 
-    def __init__(self, base: Path, *, binds: Sequence[str] = (), name: str = "") -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        binds: Sequence[str] = (),
+        name: str = "",
+        read_only_binds: Sequence[str] = (),
+    ) -> None:
         self.name = name or f"virtpub-test-{secrets.token_hex(4)}"
         self._base = base
         self._binds = tuple(binds)
+        self._read_only_binds = tuple(read_only_binds)
         self._work = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir=CACHE.parent))
         self.root = self._work / "root"
         self.log_path = self._work / "console.log"
@@ -143,8 +154,13 @@ class Container:
     def _boot(self) -> None:
         for group in self._cgroups:
             group.mkdir(exist_ok=True)
-        PIP_CACHE.mkdir(parents=True, exist_ok=True)
-        binds = [f"--bind={b}" for b in (*self._binds, f"{PIP_CACHE}:/root/.cache/pip")]
+        # Keyed by the rootfs, so one release's packages never meet another's.
+        apt_archives = APT_ARCHIVES / self._base.name
+        for cache in (PIP_CACHE, apt_archives):
+            cache.mkdir(parents=True, exist_ok=True)
+        caches = (f"{PIP_CACHE}:/root/.cache/pip", f"{apt_archives}:/var/cache/apt/archives")
+        binds = [f"--bind={b}" for b in (*self._binds, *caches)]
+        binds += [f"--bind-ro={b}" for b in self._read_only_binds]
         with open(self.log_path, "wb") as log:
             self._nspawn = subprocess.Popen(
                 [
@@ -280,7 +296,12 @@ def _rmdir_when_empty(path: Path) -> None:
 
 @contextlib.contextmanager
 def booted(
-    suite: str, packages: Sequence[str] = (), binds: Sequence[str] = ()
+    suite: str,
+    packages: Sequence[str] = (),
+    binds: Sequence[str] = (),
+    read_only_binds: Sequence[str] = (),
 ) -> Iterator[Container]:
-    with Container(rootfs(suite, packages), binds=binds) as container:
+    with Container(
+        rootfs(suite, packages), binds=binds, read_only_binds=read_only_binds
+    ) as container:
         yield container
