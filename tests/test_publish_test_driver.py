@@ -19,7 +19,8 @@ from cloudevents.core.formats.json import JSONFormat
 
 from drivers import capability_map
 from drivers.capability_map import DriverRow
-from publisher.envelope import CONTENT_TYPE
+from publisher.broker import Broker
+from publisher.envelope import CONTENT_TYPE, OutgoingMessage
 from publisher.spool import Spool
 from tests.conftest import (
     HOST_ID,
@@ -268,6 +269,26 @@ def test_a_policys_alternate_exchange_keeps_unroutable_messages(
     assert broker.returned == 0
 
 
+def stop_after_returns(
+    publisher: RunningPublisher, count: int, tmp_path: Path
+) -> tuple[Broker, list[tuple[OutgoingMessage, int, str]]]:
+    """Waits (15 s at most) for `count` returns, stops the publisher and reads what its
+    spool kept as returned; a returned message is acked, so nothing is left to resend."""
+    broker = publisher.daemon.broker
+    assert broker is not None
+    deadline = time.monotonic() + 15
+    while broker.returned < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert publisher.stop() == 0
+    spool = Spool(tmp_path / "state" / "spool.sqlite3")
+    try:
+        kept = spool.returned()
+        assert spool.count() == 0, "a returned message is acked: nothing left to resend"
+    finally:
+        spool.close()
+    return broker, kept
+
+
 def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
     amqp_url: str,
     exchange: str,
@@ -283,18 +304,7 @@ def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
         connection.close()
         xml, dom_uuid = domain_xml("vm-returned")
         publisher.conn.defineXML(xml)
-        broker = publisher.daemon.broker
-        assert broker is not None
-        deadline = time.monotonic() + 15
-        while broker.returned < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert publisher.stop() == 0
-    spool = Spool(tmp_path / "state" / "spool.sqlite3")
-    try:
-        kept = spool.returned()
-        assert spool.count() == 0, "a returned message is acked: nothing left to resend"
-    finally:
-        spool.close()
+        broker, kept = stop_after_returns(publisher, 2, tmp_path)
     assert broker.returned == len(kept) == 2
     assert [m.routing_key for m, _code, _text in kept] == [
         f"v1.{HOST_ID}.domain.added.defined",
@@ -317,20 +327,9 @@ def test_without_an_alternate_exchange_unroutable_messages_are_returned_kept_and
     publisher = publisher_factory()
     xml, dom_uuid = domain_xml("vm-no-alternate")
     run_lifecycle(publisher.conn, xml)
-    broker = publisher.daemon.broker
-    assert broker is not None
-    deadline = time.monotonic() + 15
     # Startup: capabilities, the resync of the one domain `test` (added, defined, started)
     # and its snapshot bracket (begin, entry, end); then the lifecycle's eight.
-    while broker.returned < 7 + 8 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert publisher.stop() == 0
-    spool = Spool(tmp_path / "state" / "spool.sqlite3")
-    try:
-        kept = spool.returned()
-        assert spool.count() == 0, "a returned message is acked: nothing left to resend"
-    finally:
-        spool.close()
+    broker, kept = stop_after_returns(publisher, 7 + 8, tmp_path)
     assert broker.counts()["returned"] == broker.returned == broker.published == len(kept)
     assert [m.sequence for m, _code, _text in kept] == list(range(1, len(kept) + 1))
     assert kept[0][0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
