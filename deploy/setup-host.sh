@@ -15,7 +15,7 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 PACKAGES=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc
     libvirt-clients qemu-system-x86 libvirt-dev pkg-config rabbitmq-server
-    gcc python3 python3-dev python3-venv openssl
+    gcc python3 python3-dev python3-venv openssl debootstrap
 )
 QEMU_CONF=/etc/libvirt/qemu.conf
 LIBVIRT_URI=qemu:///system
