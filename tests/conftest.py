@@ -1,5 +1,9 @@
-"""Shared fixtures: the real RabbitMQ at 127.0.0.1:5672, an exchange per test, a consumer,
-and an in-process publisher.
+"""Shared fixtures: a real RabbitMQ, an exchange per test, a consumer, and an in-process
+publisher.
+
+The broker is the host's at 127.0.0.1:5672 unless `VIRTPUB_TEST_BROKER=debian13`: then it
+is one private Debian 13 RabbitMQ 4.0 node for the session, with every deprecated feature
+denied (tests/rabbitnode.py), and the same tests run unchanged against it.
 
 Integration tests never skip: a missing broker or libvirtd is a failure with a
 message that says how to start it (`bash .ci/run` sets both up).
@@ -32,6 +36,7 @@ from drivers.libvirt_domain import CapabilityLookup, LibvirtDomainDriver
 from publisher import schemas
 from publisher.config import Settings
 from publisher.daemon import Daemon
+from tests.rabbitnode import RabbitNode, selected_broker
 
 AMQP_URL = os.environ.get("VIRTPUB_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 HOST_ID = "testhost"
@@ -42,6 +47,37 @@ def require_port(host: str, port: int, what: str) -> None:
         socket.create_connection((host, port), timeout=2).close()
     except OSError as err:
         pytest.fail(f"{what} is not reachable at {host}:{port} ({err}); run `bash .ci/run`")
+
+
+# What marks a test as needing a service: a fixture it uses (directly or not), or a name its
+# module imports. Marked here rather than by hand, so a new test cannot be forgotten.
+BROKER_FIXTURES = {"amqp_url"}
+BROKER_MODULE_NAMES = ("RabbitNode", "RabbitCluster")
+LIBVIRTD_FIXTURES = {"qemu"}
+LIBVIRTD_MODULE_NAMES = ("QEMU_URI", "open_qemu", "restart_libvirtd")
+CONTAINER_MODULE_NAMES = ("containers", "booted", "Container")
+NODEJS_FIXTURES = {"node_validator"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with the services and tools it needs (pyproject's markers), so
+    `-m "not broker and not libvirtd and not container and not nodejs"` selects exactly the
+    tests that need none: the ones the Debian 13 Python leg runs in its rootfs."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = getattr(item, "module", None)
+
+        def imports(names: tuple[str, ...], module: object = module) -> bool:
+            return any(hasattr(module, name) for name in names)
+
+        if fixtures & BROKER_FIXTURES or imports(BROKER_MODULE_NAMES):
+            item.add_marker(pytest.mark.broker)
+        if fixtures & LIBVIRTD_FIXTURES or imports(LIBVIRTD_MODULE_NAMES):
+            item.add_marker(pytest.mark.libvirtd)
+        if imports(CONTAINER_MODULE_NAMES):
+            item.add_marker(pytest.mark.container)
+        if fixtures & NODEJS_FIXTURES:
+            item.add_marker(pytest.mark.nodejs)
 
 
 @pytest.fixture(autouse=True)
@@ -71,10 +107,22 @@ def _publisher_children() -> list[int]:
     return found
 
 
+# The session's private broker node when `VIRTPUB_TEST_BROKER` selects one, for `rabbitmqctl`.
+_session_node: list[RabbitNode] = []
+
+
 @pytest.fixture(scope="session")
-def amqp_url() -> str:
-    require_port("127.0.0.1", 5672, "RabbitMQ")
-    return AMQP_URL
+def amqp_url() -> Iterator[str]:
+    if selected_broker() == "host":
+        require_port("127.0.0.1", 5672, "RabbitMQ")
+        yield AMQP_URL
+        return
+    with RabbitNode() as node:
+        _session_node.append(node)
+        try:
+            yield node.url()
+        finally:
+            _session_node.clear()
 
 
 @pytest.fixture
@@ -115,10 +163,27 @@ def alternate_exchange_policy(exchange: str) -> Iterator[str]:
         rabbitmqctl("clear_policy", name)
 
 
-def rabbitmqctl(*args: str) -> None:
-    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, check=False)
+@pytest.fixture(autouse=True)
+def no_deprecated_feature_used() -> Iterator[None]:
+    """On the session's Debian 13 node, a test whose clients used a deprecated feature
+    fails, even where RabbitMQ 4.0 only logs the use (a global QoS)."""
+    before = _session_node[0].deprecated_features_used() if _session_node else []
+    yield
+    if _session_node:
+        used = [f for f in _session_node[0].deprecated_features_used() if f not in before]
+        if used:
+            pytest.fail(f"deprecated features used on RabbitMQ 4.0: {used}")
+
+
+def rabbitmqctl(*args: str) -> str:
+    """`rabbitmqctl args...` on the broker the tests use; its output, or the test fails."""
+    if _session_node:
+        done = _session_node[0].ctl(*args, check=False)
+    else:
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 @dataclass

@@ -32,10 +32,26 @@ from typing import Self
 CACHE = Path(os.environ.get("VIRTPUB_ROOTFS_CACHE", "/var/cache/virtpub-test/rootfs"))
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "dbus", "ca-certificates")
+# One Debian 13 rootfs serves both of its CI legs: RabbitMQ 4.0 for the broker tests, and
+# Python 3.13 with libvirt 11.3's headers to build libvirt-python for the broker-free ones.
+DEBIAN13 = "trixie"
+DEBIAN13_PACKAGES = (
+    "rabbitmq-server",
+    "python3",
+    "python3-venv",
+    "python3-dev",
+    "gcc",
+    "pkg-config",
+    "libvirt-dev",
+    "libvirt0",
+)
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CACHE = CACHE.parent / "pip-cache"
 APT_ARCHIVES = CACHE.parent / "apt-archives"
+# Where each `in_rootfs` command mounts its private tmpfs (in its own mount namespace, so
+# any number of them share this one empty directory).
+SCRATCH = CACHE.parent / "scratch"
 BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 60
 HALT_TIMEOUT_S = 30
@@ -292,6 +308,78 @@ def _rmdir_when_empty(path: Path) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# Runs as PID 1 of a new PID namespace in a private mount namespace: a tmpfs holds an
+# overlay whose lower layer is the cached rootfs, so the command may write anywhere and the
+# cache never changes; host paths are bound at their own paths. When it exits, the kernel
+# kills whatever it left (an epmd that daemonized) and every mount goes with the namespace.
+_IN_ROOTFS = r"""
+set -eu
+lower=$1 scratch=$2 user=$3 cwd=$4
+shift 4
+mount --make-rprivate /
+mount -t tmpfs -o mode=0755 virtpub-rootfs "$scratch"
+mkdir "$scratch/upper" "$scratch/work" "$scratch/root"
+mount -t overlay overlay \
+    -o "lowerdir=$lower,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/root"
+new=$scratch/root
+mount -t proc proc "$new/proc"
+mount --rbind /dev "$new/dev"
+mount --rbind /sys "$new/sys"
+mount -t tmpfs -o mode=1777 tmpfs "$new/tmp"
+while [ "$1" != -- ]; do
+    mode=$1 path=$2
+    shift 2
+    if [ -d "$path" ]; then
+        mkdir -p "$new$path"
+    else
+        mkdir -p "$new${path%/*}"
+        touch "$new$path"
+    fi
+    mount --bind "$path" "$new$path"
+    if [ "$mode" = ro ]; then mount -o remount,bind,ro "$new$path"; fi
+done
+shift
+exec chroot --userspec="$user" "$new" env -C "$cwd" "$@"
+"""
+
+
+def in_rootfs(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    binds: Sequence[str | Path] = (),
+    read_only: Sequence[str | Path] = (),
+    user: str = "0:0",
+    cwd: str | Path = "/",
+) -> list[str]:
+    """The command line that runs `argv` in `root` without booting it (a chroot of its own).
+
+    For running another release's binaries on this host: its network, its processes' view
+    of the host's /dev and /sys, and `binds` (read-write) and `read_only` host paths at their
+    own paths. `user` is "uid:gid" as the rootfs knows them (see `rootfs_ids`). Everything
+    the command started ends with it; nothing of it outlives it, on disk or in the cache.
+    """
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    mounts = [
+        *(x for b in binds for x in ("rw", str(b))),
+        *(x for b in read_only for x in ("ro", str(b))),
+    ]
+    return [
+        "unshare", "--mount", "--pid", "--fork", "--kill-child",
+        "sh", "-c", _IN_ROOTFS, "in-rootfs",
+        str(root), str(SCRATCH), user, str(cwd), *mounts, "--", *argv,
+    ]  # fmt: skip
+
+
+def rootfs_ids(root: Path, user: str) -> tuple[int, int]:
+    """`user`'s uid and gid in `root`'s /etc/passwd (they need not match the host's)."""
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise ContainerError(f"no user {user} in {root}")
 
 
 @contextlib.contextmanager

@@ -10,14 +10,22 @@ straight from /usr/lib/rabbitmq/bin: the Debian wrappers in /usr/sbin `su` to th
 user with HOME=/var/lib/rabbitmq, i.e. with the shared node's cookie.
 Nothing of /etc/rabbitmq is read: the shared rabbitmq-env.conf sets NODENAME and
 the shared rabbitmq.conf would make the node bind 5672.
+
+`VIRTPUB_TEST_BROKER=debian13` (or `RabbitNode(broker="debian13")`) runs Debian 13's
+RabbitMQ 4.0 instead, from the cached trixie rootfs (tests/containers.py, `in_rootfs`),
+with the same directory layout bound at the same path, every deprecated feature denied,
+and an epmd of its own on its own port: the host's epmd and node stay untouched.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import grp
 import os
+import pwd
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -26,9 +34,12 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from tests import containers
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_USER = "rabbitmq"
@@ -41,6 +52,33 @@ PORT_RANGE = (10000, 25000)
 DIST_OFFSET = 20000
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
 TLS_USER = "virtpub"
+BROKER_ENV = "VIRTPUB_TEST_BROKER"
+BROKERS = ("host", "debian13")
+# Every deprecated feature RabbitMQ 4.0 knows (`rabbitmqctl list_deprecated_features` on
+# Debian 13's 4.0.5; tests/test_rabbitnode.py checks the list is whole), denied, as 4.3
+# and later deny most of them by default: what virtpub does must work without any.
+DEPRECATED_FEATURES_4_0 = (
+    "amqp_address_v1",
+    "classic_queue_mirroring",
+    "global_qos",
+    "management_metrics_collection",  # listed only with the management plugin enabled
+    "queue_master_locator",
+    "ram_node_type",
+    "transient_nonexcl_queues",
+)
+
+
+BOOT_DENIAL_FAILURE = "failed_to_deny_deprecated_features"
+# How the node logs a client's use of a deprecated feature, whether it refused it or not.
+DEPRECATED_USE = re.compile(r"Deprecated features: `(\w+)`")
+
+
+def selected_broker() -> str:
+    """The broker the tests run against: `VIRTPUB_TEST_BROKER`, `host` unless set."""
+    broker = os.environ.get(BROKER_ENV, "host")
+    if broker not in BROKERS:
+        raise RabbitNodeError(f"{BROKER_ENV}={broker!r}: expected one of {', '.join(BROKERS)}")
+    return broker
 
 
 class RabbitNodeError(RuntimeError):
@@ -164,13 +202,28 @@ class RabbitNode:
     the client certificate's CN (`virtpub`, a user created at start).
     """
 
-    def __init__(self, *, tls: bool = False, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        start_timeout: float = 60.0,
+        broker: str | None = None,
+        refuse_deprecated_uses: bool = True,
+    ) -> None:
         self.tls = tls
         self.start_timeout = start_timeout
+        self.broker = broker or selected_broker()
+        self.refuse_deprecated_uses = refuse_deprecated_uses
         self.name = f"virtpub-test-{secrets.token_hex(4)}@localhost"
         self.port = pick_port(with_dist_port=True)
         self.dist_port = self.port + DIST_OFFSET
         self.tls_port = pick_port(avoid=(self.port, self.dist_port)) if tls else None
+        self.epmd_port: int | None = None
+        self._rootfs: Path | None = None
+        if self.broker == "debian13":
+            self._rootfs = containers.rootfs(containers.DEBIAN13, containers.DEBIAN13_PACKAGES)
+            taken = (self.port, self.dist_port, *([self.tls_port] if self.tls_port else []))
+            self.epmd_port = pick_port(avoid=taken)
         self.dir = Path(tempfile.mkdtemp(prefix="virtpub-rabbitnode-"))
         self.log_file = self.dir / "log" / f"{self.name}.log"
         self.stdout_file = self.dir / "log" / "stdout.log"
@@ -186,7 +239,7 @@ class RabbitNode:
         self._cleaned = False
         self._as_rabbitmq: dict[str, Any] = (
             {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
-            if os.geteuid() == 0
+            if os.geteuid() == 0 and self._rootfs is None
             else {}
         )
         atexit.register(self.cleanup)  # a node must not outlive an aborted test run
@@ -214,7 +267,12 @@ class RabbitNode:
             except RabbitNodeError as err:
                 failures.append(str(err).splitlines()[0])
                 self.cleanup()
-                self.__init__(tls=self.tls, start_timeout=self.start_timeout)  # type: ignore[misc]
+                self.__init__(  # type: ignore[misc]
+                    tls=self.tls,
+                    start_timeout=self.start_timeout,
+                    broker=self.broker,
+                    refuse_deprecated_uses=self.refuse_deprecated_uses,
+                )
         raise RabbitNodeError("three fresh nodes failed to boot: " + "; ".join(failures))
 
     def __exit__(
@@ -232,7 +290,24 @@ class RabbitNode:
 
         Fails (after killing what was started) with the log's tail if that takes
         longer than `start_timeout`.
+
+        Seen once with Debian 13's RabbitMQ 4.0.5, in a fault test's restart on a loaded
+        machine: the boot's check whether transient non-exclusive queues exist crashed
+        (an erpc error in the log), and the node refused to boot with
+        `failed_to_deny_deprecated_features`. No such queue can exist (the node refuses
+        to declare one), so that boot is tried once more, with a warning.
         """
+        try:
+            self._boot()
+        except RabbitNodeError as err:
+            if BOOT_DENIAL_FAILURE not in str(err):
+                raise
+            warnings.warn(
+                f"{self.name}: {BOOT_DENIAL_FAILURE} at boot; booting again", stacklevel=2
+            )
+            self._boot()
+
+    def _boot(self) -> None:
         if self._cleaned:
             raise RabbitNodeError(f"{self.name} was cleaned up")
         if beam_pids(self.name):
@@ -243,7 +318,7 @@ class RabbitNode:
         deadline = began + self.start_timeout
         with self.stdout_file.open("ab") as stdout:
             self._process = subprocess.Popen(
-                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                self._command("rabbitmq-server"),
                 env=self._env(),
                 cwd=self.dir,
                 stdin=subprocess.DEVNULL,
@@ -310,12 +385,15 @@ class RabbitNode:
     def cleanup(self) -> None:
         """Stops the node (killing it if it will not stop) and removes its directory.
 
-        Idempotent; also runs at interpreter exit for a node a test forgot.
+        Idempotent; also runs at interpreter exit for a node a test forgot. A Debian 13
+        node whose log shows a deprecated feature used fails here, after cleaning up,
+        unless made with `refuse_deprecated_uses=False`.
         """
         if self._cleaned:
             return
         self._cleaned = True
         atexit.unregister(self.cleanup)
+        used: list[str] = []
         try:
             try:
                 self.stop(timeout=30)
@@ -324,8 +402,12 @@ class RabbitNode:
             left = beam_pids(self.name) or [pid for pid, _ in _alive(self._processes)]
             if left:
                 raise RabbitNodeError(f"{self.name}: processes {left} survived cleanup")
+            if self._rootfs is not None and self.refuse_deprecated_uses:
+                used = self.deprecated_features_used()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if used:
+            raise RabbitNodeError(f"{self.name}: clients used deprecated features {used}")
 
     def is_running(self) -> bool:
         return bool(beam_pids(self.name))
@@ -337,7 +419,7 @@ class RabbitNode:
     ) -> subprocess.CompletedProcess[str]:
         """Runs `rabbitmqctl -n <this node> args...` with this node's cookie."""
         result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, *args],
+            self._command("rabbitmqctl", "-n", self.name, *args),
             env=self._env(),
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
@@ -388,6 +470,19 @@ class RabbitNode:
             raise RabbitNodeError(f"{self.name} was made without tls=True")
         return f"amqps://localhost:{self.tls_port}/%2F"
 
+    def deprecated_features_used(self) -> list[str]:
+        """The deprecated features the node's log says clients used, once each, in order.
+
+        RabbitMQ 4.0 refuses some denied features (a transient non-exclusive queue closes
+        the connection) but only logs others (a global QoS is applied anyway), so the log
+        is the one place that sees every use.
+        """
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return []
+        return list(dict.fromkeys(DEPRECATED_USE.findall(text)))
+
     def log_tail(self, lines: int = 40) -> str:
         parts = []
         for path in (self.log_file, self.stdout_file):
@@ -400,6 +495,22 @@ class RabbitNode:
 
     # -- internals -------------------------------------------------------------------
 
+    def _command(self, program: str, *args: str) -> list[str]:
+        """The command line for one of RabbitMQ's scripts: the host's, or run in the
+        Debian 13 rootfs as its `rabbitmq` user with this node's directory bound in."""
+        argv = [str(RABBITMQ_BIN / program), *args]
+        if self._rootfs is None:
+            return argv
+        uid, gid = containers.rootfs_ids(self._rootfs, RABBITMQ_USER)
+        return containers.in_rootfs(
+            self._rootfs,
+            argv,
+            binds=[self.dir],
+            read_only=["/etc/hosts"],  # `localhost` in the node's name resolves as here
+            user=f"{uid}:{gid}",
+            cwd=self.dir,
+        )
+
     def _env(self) -> dict[str, str]:
         """A hermetic environment: nothing of the caller's RABBITMQ_*/ERL_* leaks in.
 
@@ -407,8 +518,9 @@ class RabbitNode:
         ~/.erlang.cookie into whatever HOME it sees.
         """
         d = self.dir
-        return {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        system_path = "/usr/sbin:/usr/bin:/sbin:/bin"
+        env = {
+            "PATH": system_path if self._rootfs else os.environ.get("PATH", system_path),
             "HOME": str(d / "home"),
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",  # the Elixir CLI warns about (and mangles) latin1
@@ -426,6 +538,9 @@ class RabbitNode:
                 f"-kernel inet_dist_use_interface {{127,0,0,1}} {NODE_MARKER} {self.name}"
             ),
         }
+        if self.epmd_port is not None:
+            env["ERL_EPMD_PORT"] = str(self.epmd_port)
+        return env
 
     def _prepare(self) -> None:
         for sub in ("home", "mnesia", "log", "tls"):
@@ -446,6 +561,8 @@ class RabbitNode:
             "log.file.level = info",
             "log.console = false",
         ]
+        if self._rootfs is not None:
+            lines += [f"deprecated_features.permit.{f} = false" for f in DEPRECATED_FEATURES_4_0]
         if self.tls:
             lines += [
                 f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
@@ -505,10 +622,15 @@ class RabbitNode:
         self._chown()  # the broker reads server.key as the rabbitmq user
 
     def _chown(self) -> None:
-        if not self._as_rabbitmq:
+        """The broker's user owns the directory: the host's, or the rootfs's own ids."""
+        if os.geteuid() != 0:
             return
+        if self._rootfs is None:
+            uid, gid = pwd.getpwnam(RABBITMQ_USER).pw_uid, grp.getgrnam(RABBITMQ_USER).gr_gid
+        else:
+            uid, gid = containers.rootfs_ids(self._rootfs, RABBITMQ_USER)
         for path in (self.dir, *self.dir.rglob("*")):
-            shutil.chown(path, RABBITMQ_USER, RABBITMQ_USER)
+            os.chown(path, uid, gid)
 
     def _tree(self) -> set[tuple[int, int]]:
         """The node's VM and its descendants (erl_child_setup, inet_gethost, the disk

@@ -1,6 +1,6 @@
 """A connection the broker closes under the publisher: it reconnects, resends, re-announces.
 
-The broker is the shared one; only the publisher's own connection is closed
+The broker is the one the tests use; only the publisher's own connection is closed
 (`rabbitmqctl close_connection`), so nothing else on it is disturbed.
 """
 
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pika
 
-from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid
+from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid, rabbitmqctl
 from tests.test_publish_test_driver import domain_xml
 
 
@@ -25,21 +24,14 @@ def close_connections_named(name: str) -> int:
     rabbitmqctl's JSON output renders pids in a form close_connection rejects, so
     the tab-separated listing is read instead (pid, then client properties).
     """
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listing = rabbitmqctl(
+        "-q", "--no-table-headers", "list_connections", "pid", "client_properties"
+    )
     closed = 0
     for line in listing.splitlines():
         pid, _, properties = line.partition("\t")
         if f'{{"connection_name","{name}"}}' in properties:
-            subprocess.run(
-                ["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"],
-                check=True,
-                capture_output=True,
-            )
+            rabbitmqctl("-q", "close_connection", pid, "closed by a test")
             closed += 1
     return closed
 

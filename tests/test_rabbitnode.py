@@ -7,6 +7,7 @@ shared broker at 127.0.0.1:5672.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import time
@@ -19,7 +20,12 @@ import pika.credentials
 import pika.exceptions
 import pytest
 
-from tests.rabbitnode import TLS_USER, RabbitNode, beam_pids
+from tests.rabbitnode import (
+    DEPRECATED_FEATURES_4_0,
+    TLS_USER,
+    RabbitNode,
+    beam_pids,
+)
 
 SHARED_PORT = 5672
 
@@ -217,3 +223,32 @@ def test_tls_node_still_speaks_plain_amqp(tls_node: RabbitNode) -> None:
     connection = connect(tls_node.url())
     connection.channel().queue_declare("", exclusive=True)
     connection.close()
+
+
+# -- Debian 13's RabbitMQ 4.0, from its rootfs ---------------------------------------------
+
+
+def test_a_debian13_node_is_rabbitmq_4_0_denying_every_deprecated_feature() -> None:
+    """Whatever VIRTPUB_TEST_BROKER says: the node the debian13-broker leg runs against."""
+    with RabbitNode(broker="debian13", refuse_deprecated_uses=False) as debian13:
+        assert debian13.epmd_port not in (None, 4369), "the host's epmd is not shared"
+        assert "RabbitMQ version: 4.0." in debian13.ctl("status").stdout
+        listing = debian13.ctl("-q", "--no-table-headers", "list_deprecated_features").stdout
+        known = {line.split()[0] for line in listing.splitlines() if line.strip()}
+        assert known and known <= set(DEPRECATED_FEATURES_4_0), known
+        # A denied feature's use closes the whole connection: 541 INTERNAL_ERROR.
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as transient:
+            connect(debian13.url()).channel().queue_declare(f"virtpub-test-{uuid.uuid4().hex}")
+        assert transient.value.reply_code == 541
+        assert "transient_nonexcl_queues" in transient.value.reply_text
+        # A global QoS is only logged (and applied): the log is what catches it.
+        connect(debian13.url()).channel().basic_qos(prefetch_count=1, global_qos=True)
+        expected = ["transient_nonexcl_queues", "global_qos"]
+        deadline = time.monotonic() + 10  # the node's logger writes a moment later
+        while debian13.deprecated_features_used() != expected:
+            assert time.monotonic() < deadline, debian13.deprecated_features_used()
+            time.sleep(0.1)
+    assert_gone(debian13)
+    # Its own epmd went with it (its PID namespace): nothing listens on its port any more.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", debian13.epmd_port or 0), timeout=5).close()
