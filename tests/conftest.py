@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -444,3 +445,10 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
         assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+def on_test_broker(url: str, amqp_url: str) -> str:
+    """`url` with `{broker}` as the test broker's host:port and `{amqp_url}` as its URL, so
+    error cases meet the broker of the leg that runs them (RabbitMQ 3.10 or 4.0)."""
+    return url.format(broker=urllib.parse.urlsplit(amqp_url).netloc.rpartition("@")[2],
+                      amqp_url=amqp_url)  # fmt: skip

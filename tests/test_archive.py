@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from publisher.archive import ArchiveError, ArchiveWriter, MemberReader, archive_group
-from tests.conftest import HOST_ID, RunningPublisher
+from tests.conftest import HOST_ID, RunningPublisher, on_test_broker
 from tests.test_publish_test_driver import domain_xml, run_lifecycle
 from tests.test_tail import Message, finish, publish, start
 
@@ -382,7 +382,7 @@ def test_one_archiver_per_directory(tmp_path: Path) -> None:
 
 
 ERRORS = [
-    ({"--amqp-url": "amqp://guest:wrongsecret@127.0.0.1:5672/%2F"}, "refused the credentials"),
+    ({"--amqp-url": "amqp://guest:wrongsecret@{broker}/%2F"}, "refused the credentials"),
     ({"--amqp-url": "amqp://guest:guest@127.0.0.1:1/%2F"}, "cannot reach the broker"),
     ({"--exchange": "virtpub-test-missing"}, "exchange 'virtpub-test-missing' does not exist"),
     ({}, "inequivalent arg 'x-queue-type'"),  # the queue exists, as a classic queue
@@ -399,7 +399,9 @@ def test_errors_are_one_line_and_exit_1(
     connection.channel().queue_declare(queue, durable=True)
     connection.close()
     options = {"--amqp-url": amqp_url, "--exchange": topic, "--queue": queue}
-    argv = [item for pair in {**options, **override}.items() for item in pair]
+    chosen = {**options, **override}
+    chosen["--amqp-url"] = on_test_broker(chosen["--amqp-url"], amqp_url)
+    argv = [item for pair in chosen.items() for item in pair]
     result = CliRunner().invoke(archive_group, [*argv, "--dir", str(tmp_path)])
     assert result.exit_code == 1
     lines = result.stderr.splitlines()

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from publisher.config import BrokerSettings
 from publisher.inventory import Inventory, Row, consume, inventory_command, render_table, to_json
+from tests.conftest import on_test_broker
 
 WEB = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 DB = "0b6cf9b2-5d0e-4a8e-9a51-1f0e6c3a7d21"
@@ -467,14 +468,15 @@ def test_command_reads_a_durable_queue_and_prints_json(amqp_url: str, topic: str
 @pytest.mark.parametrize(
     ("url", "queue", "says"),
     [
-        ("amqp://guest:wrongsecret@127.0.0.1:5672/%2F", None, "refused the credentials"),
+        ("amqp://guest:wrongsecret@{broker}/%2F", None, "refused the credentials"),
         ("amqp://guest:guest@127.0.0.1:1/%2F", None, "cannot reach the broker"),
-        ("amqp://guest:guest@127.0.0.1:5672/%2F", "virtpub-test-missing", "does not exist"),
+        ("{amqp_url}", "virtpub-test-missing", "does not exist"),
     ],
 )
 def test_command_errors_are_one_line_and_exit_1(
     amqp_url: str, url: str, queue: str | None, says: str
 ) -> None:
+    url = on_test_broker(url, amqp_url)
     args = ["--amqp-url", url, "--idle", "0.5", *(["--queue", queue] if queue else [])]
     result = CliRunner().invoke(inventory_command, args)
     assert result.exit_code == 1

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from publisher.tail import tail_command
-from tests.conftest import HOST_ID, RunningPublisher
+from tests.conftest import HOST_ID, RunningPublisher, on_test_broker
 from tests.test_publish_test_driver import domain_xml, run_lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,14 +259,15 @@ def test_a_reader_that_goes_away_ends_it_quietly(
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("amqp://guest:wrongsecret@127.0.0.1:5672/%2F", "refused the credentials"),
+        ("amqp://guest:wrongsecret@{broker}/%2F", "refused the credentials"),
         ("amqp://guest:guest@127.0.0.1:1/%2F", "cannot reach the broker"),
-        ("http://guest:wrongsecret@127.0.0.1:5672/", "invalid AMQP URL"),
-        ("amqp://guest:guest@127.0.0.1:5672/%2F", "does not exist"),
+        ("http://guest:wrongsecret@{broker}/", "invalid AMQP URL"),
+        ("{amqp_url}", "does not exist"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(amqp_url: str, url: str, says: str) -> None:
     missing = f"virtpub-test-missing-{uuid.uuid4().hex[:8]}"
+    url = on_test_broker(url, amqp_url)
     result = CliRunner().invoke(tail_command, ["--amqp-url", url, "--exchange", missing])
     assert result.exit_code == 1
     assert result.stdout == ""
