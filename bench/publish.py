@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pika
-
-from drivers.synthetic import SyntheticDriver, SyntheticOptions
-from publisher.config import Settings
-from publisher.daemon import Daemon
-from publisher.envelope import Envelope, OutgoingMessage
-from publisher.model import GONE, Tracker
+from virtpub.config import Settings
+from virtpub.contract.envelope import Envelope, OutgoingMessage
+from virtpub.core.tracker import GONE, Tracker
+from virtpub.daemon.service import Daemon
+from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BODY = json.dumps({"pad": "x" * 270}).encode()  # ~300 bytes, like a domain event

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from publisher.capabilities import BackendCapabilities, EventSupport
-from publisher.driver import Driver, Emit, Signal
-from publisher.event import DomainEvent, DomainFacts
+from virtpub.core.capabilities import BackendCapabilities, EventSupport
+from virtpub.core.driver import Driver, Emit, Signal
+from virtpub.core.event import DomainEvent, DomainFacts
 
 log = logging.getLogger(__name__)
 

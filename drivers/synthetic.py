@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-from publisher.capabilities import BackendCapabilities, EventSupport
-from publisher.driver import DriverError, Emit
-from publisher.event import Codes, DomainEvent, DomainFacts, DomainRef, DomainState
+from virtpub.core.capabilities import BackendCapabilities, EventSupport
+from virtpub.core.driver import DriverError, Emit
+from virtpub.core.event import Codes, DomainEvent, DomainFacts, DomainRef, DomainState
 
 SCHEME = "synthetic"
 RUNNING = DomainState("running", "unpaused", 1, 5)

@@ -1,3 +1,3 @@
-from publisher.cli import main
+from virtpub.cli.main import main
 
 main()

@@ -17,8 +17,7 @@ from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
-
-from publisher.redact import redact_url
+from virtpub.core.redact import redact_url
 
 ENV_PREFIX = "VIRTPUB_"
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -31,12 +31,12 @@ import jsonschema
 import libvirt
 import pika
 import pytest
+from virtpub.config import Settings
+from virtpub.contract import schemas
+from virtpub.daemon.service import Daemon
+from virtpub.drivers.libvirt import capability_map
+from virtpub.drivers.libvirt.domain import CapabilityLookup, LibvirtDomainDriver
 
-from drivers import capability_map
-from drivers.libvirt_domain import CapabilityLookup, LibvirtDomainDriver
-from publisher import schemas
-from publisher.config import Settings
-from publisher.daemon import Daemon
 from tests.rabbitnode import RabbitNode, selected_broker
 
 AMQP_URL = os.environ.get("VIRTPUB_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -36,7 +36,10 @@ HOST_PIP_PATHS = (
 LEG = """\
 set -eu
 python3 -m venv /tmp/venv
-/tmp/venv/bin/python -m pip install -q --disable-pip-version-check "$1[test]"
+# setuptools writes build files beside the sources, and the checkout is read-only here.
+mkdir /tmp/src && tar -C "$1" --exclude=./.venv --exclude=./build --exclude=./.git -cf - . \
+    | tar -xf - -C /tmp/src
+/tmp/venv/bin/python -m pip install -q --disable-pip-version-check "/tmp/src[test]"
 /tmp/venv/bin/python -c '
 import platform, libvirt
 print("[debian13-python] Python", platform.python_version(), "- libvirt",

@@ -1,4 +1,4 @@
-"""The AsyncAPI document of the exchange (publisher/asyncapi.py, schemas/asyncapi.json).
+"""The AsyncAPI document of the exchange (publisher/contract/asyncapi.py, schemas/asyncapi.json).
 
 Consumers generate code and docs from the committed document, so it must equal a fresh
 render of schemas/, describe every message real publishers send, and be accepted by the
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from jsonschema import Draft7Validator, FormatChecker
-
-from publisher import __version__, asyncapi, schemas
-from publisher.envelope import Envelope, OutgoingMessage
-from publisher.event import ConfigRejected, DomainEvent, DomainRef, DomainState
-from publisher.model import Publication
+from virtpub import __version__
+from virtpub.contract import asyncapi, schemas
+from virtpub.contract.envelope import Envelope, OutgoingMessage
+from virtpub.core.event import ConfigRejected, DomainEvent, DomainRef, DomainState
+from virtpub.core.tracker import Publication
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / ".ci" / "asyncapi"

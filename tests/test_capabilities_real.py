@@ -11,10 +11,10 @@ from typing import Any
 
 import libvirt
 import pytest
+from virtpub.drivers.libvirt import capability_map
+from virtpub.drivers.libvirt.capabilities import DERIVED, POLLABLE
+from virtpub.drivers.libvirt.events import Catalog
 
-from drivers import capability_map
-from drivers.libvirt_capabilities import DERIVED, POLLABLE
-from drivers.libvirt_events import Catalog
 from tests.conftest import QEMU_URI, Consumer, RunningPublisher, assert_valid
 
 

@@ -1,7 +1,7 @@
-"""Tests for drivers/capability_map.py and the map it ships.
+"""Tests for drivers/libvirt/capability_map.py and the map it ships.
 
 Names in the map are checked against the installed libvirt binding through
-drivers/libvirt_events.py's Catalog, so a typo or an invented detail fails here
+drivers/libvirt/events.py's Catalog, so a typo or an invented detail fails here
 rather than silently never matching an event. Only the test driver is opened.
 """
 
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-from importlib import resources
 from typing import Any
 
 import libvirt
 import pytest
-
-from drivers import capability_map as cm
-from drivers.libvirt_events import FIELDS, LIFECYCLE_ID, Catalog, Enum, event_type_of
+from virtpub.drivers.libvirt import capability_map as cm
+from virtpub.drivers.libvirt.events import FIELDS, LIFECYCLE_ID, Catalog, Enum, event_type_of
 
 CATALOG = Catalog(vars(libvirt))
 
@@ -70,7 +68,7 @@ def details_of(kind: str) -> set[str]:
 
 
 def raw_map() -> dict[str, Any]:
-    text = resources.files("drivers").joinpath(cm.DATA_FILE).read_text(encoding="utf-8")
+    text = cm.map_text()
     data: dict[str, Any] = json.loads(text)
     return data
 
@@ -80,7 +78,7 @@ def all_rows() -> list[cm.DriverRow]:
 
 
 def test_json_is_deterministic_and_documented() -> None:
-    text = resources.files("drivers").joinpath(cm.DATA_FILE).read_text(encoding="utf-8")
+    text = cm.map_text()
     data = json.loads(text)
     assert text == json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     assert {"format", "naming", "sources", "regenerate"} <= set(data["_about"])

@@ -17,11 +17,11 @@ from typing import Any
 import libvirt
 import pika
 import pytest
+from virtpub.config import sanitize_host_id
 
-from publisher.config import sanitize_host_id
 from tests.conftest import HOST_ID, Consumer
 
-VIRTPUB = [sys.executable, "-m", "publisher"]
+VIRTPUB = [sys.executable, "-m", "virtpub"]
 
 
 def virtpub(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pika
 import pytest
+from virtpub.core.redact import redact_url
 
-from publisher.redact import redact_url
 from tests.rabbitcluster import RabbitCluster
 from tests.test_faults import BURST, DOMAINS, STARTUP, assert_complete, depth, read_all, wait_until
 
@@ -63,7 +63,7 @@ def start_virtpub(
     urls = [arg for url in cluster.urls() for arg in ("--amqp-url", url)]
     with log.open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "publisher", "run", "--libvirt-uri", uri, *urls,
+            [sys.executable, "-m", "virtpub", "run", "--libvirt-uri", uri, *urls,
              "--exchange", exchange, "--state-dir", str(state_dir), "--host-id", HOST_ID],
             stdout=subprocess.DEVNULL,
             stderr=stderr,

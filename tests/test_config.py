@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from publisher import config
-from publisher.config import (
+from virtpub import config
+from virtpub.config import (
     DEFAULTS,
     BrokerSettings,
     ConfigError,

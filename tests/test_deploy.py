@@ -31,9 +31,9 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pika.exceptions
 import pytest
+from virtpub.config import DEFAULTS, BrokerSettings, read_config_file, resolve
+from virtpub.tools.ask import ask
 
-from publisher.ask import ask
-from publisher.config import DEFAULTS, BrokerSettings, read_config_file, resolve
 from tests.rabbitnode import RABBITMQ_USER, RabbitNode
 from tests.test_faults import depth, wait_until
 
@@ -122,7 +122,7 @@ def test_virtpub_publishes_through_the_definitions_as_its_own_user(
 ) -> None:
     user, password = example_credentials()
     process = subprocess.Popen(
-        [sys.executable, "-m", "publisher", "run",
+        [sys.executable, "-m", "virtpub", "run",
          "--libvirt-uri", f"synthetic:///?domains={DOMAINS}&count={EVENTS}&rate=500",
          "--amqp-url", node.url(user, password), "--exchange", EXCHANGE,
          "--state-dir", str(tmp_path), "--host-id", HOST_ID],

@@ -1,4 +1,4 @@
-"""Unit tests for publisher/envelope.py (and publisher/redact.py).
+"""Unit tests for publisher/contract/envelope.py (and publisher/core/redact.py).
 
 A message is what consumers depend on: its CloudEvents attributes, AMQP headers
 and routing key, and that its body validates against the published JSON schema
@@ -22,13 +22,9 @@ import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 from jsonschema import Draft202012Validator, FormatChecker
-
-from drivers.libvirt_domain import source_uri
-from drivers.libvirt_events import Catalog, EventIdSpec, Field, normalize
-from publisher import __version__, envelope, schemas
-from publisher.capabilities import BackendCapabilities, EventSupport
-from publisher.daemon import ROUTING_KEY_FORMAT
-from publisher.envelope import (
+from virtpub import __version__
+from virtpub.contract import envelope, schemas
+from virtpub.contract.envelope import (
     CONTENT_TYPE,
     Envelope,
     MessageIds,
@@ -36,9 +32,13 @@ from publisher.envelope import (
     rfc3339,
     routing_key,
 )
-from publisher.event import DomainEvent, DomainFacts, DomainRef, DomainState
-from publisher.model import GONE, Publication, Tracker
-from publisher.redact import redact_url
+from virtpub.core.capabilities import BackendCapabilities, EventSupport
+from virtpub.core.event import DomainEvent, DomainFacts, DomainRef, DomainState
+from virtpub.core.redact import redact_url
+from virtpub.core.tracker import GONE, Publication, Tracker
+from virtpub.daemon.service import ROUTING_KEY_FORMAT
+from virtpub.drivers.libvirt.domain import source_uri
+from virtpub.drivers.libvirt.events import Catalog, EventIdSpec, Field, normalize
 
 HOST = "hv01"
 BACKEND = source_uri(HOST, "qemu:///system")

@@ -19,9 +19,9 @@ from typing import Any
 
 import libvirt
 import pytest
+from virtpub.drivers.libvirt.events import Catalog
+from virtpub.tools.inventory import Inventory
 
-from drivers.libvirt_events import Catalog
-from publisher.inventory import Inventory
 from tests.conftest import (
     HOST_ID,
     QEMU_URI,

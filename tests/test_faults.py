@@ -25,10 +25,10 @@ from typing import Any
 
 import pika
 import pytest
+from virtpub.config import BrokerSettings
+from virtpub.daemon.spool import ROW_OVERHEAD
+from virtpub.tools.ask import ask
 
-from publisher.ask import ask
-from publisher.config import BrokerSettings
-from publisher.spool import ROW_OVERHEAD
 from tests.blackhole import BlackHoleProxy
 from tests.rabbitnode import RabbitNode, pick_port
 
@@ -69,7 +69,7 @@ def start_virtpub(
     uri = f"synthetic:///?domains={DOMAINS}&rate={rate}&count={count}"
     url_options = [arg for url in urls or [node.url()] for arg in ("--amqp-url", url)]
     return subprocess.Popen(
-        [sys.executable, "-m", "publisher", "run", "--libvirt-uri", uri,
+        [sys.executable, "-m", "virtpub", "run", "--libvirt-uri", uri,
          *url_options, "--exchange", exchange, "--state-dir", str(state_dir),
          "--host-id", "faulty", *(extra or [])],
         stdout=subprocess.DEVNULL,

@@ -21,20 +21,19 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
-
-from drivers import filesystem
-from drivers.config_files import MAX_BYTES
-from drivers.filesystem import (
+from virtpub.contract import schemas
+from virtpub.contract.envelope import Envelope
+from virtpub.core.driver import Driver, DriverError
+from virtpub.core.event import BackendChange, ConfigRejected, DomainEvent
+from virtpub.core.tracker import SHUTOFF, Tracker
+from virtpub.drivers.files import driver as filesystem
+from virtpub.drivers.files.config_files import MAX_BYTES
+from virtpub.drivers.files.driver import (
     Config,
     FilesystemDriver,
     changes,
     owners,
 )
-from publisher import schemas
-from publisher.driver import Driver, DriverError
-from publisher.envelope import Envelope
-from publisher.event import BackendChange, ConfigRejected, DomainEvent
-from publisher.model import SHUTOFF, Tracker
 
 HOST = "testhost"
 DEBOUNCE = 0.1

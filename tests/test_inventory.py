@@ -11,9 +11,16 @@ from typing import Any
 import pika
 import pytest
 from click.testing import CliRunner
+from virtpub.config import BrokerSettings
+from virtpub.tools.inventory import (
+    Inventory,
+    Row,
+    consume,
+    inventory_command,
+    render_table,
+    to_json,
+)
 
-from publisher.config import BrokerSettings
-from publisher.inventory import Inventory, Row, consume, inventory_command, render_table, to_json
 from tests.conftest import on_test_broker
 
 WEB = "6695eb01-f6a4-8304-79aa-97f2502e193f"

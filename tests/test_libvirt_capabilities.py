@@ -6,10 +6,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
-
-from drivers import capability_map
-from drivers.libvirt_capabilities import DERIVED, POLLABLE, Probe, plan
-from drivers.libvirt_events import LIFECYCLE_ID, Catalog
+from virtpub.drivers.libvirt import capability_map
+from virtpub.drivers.libvirt.capabilities import DERIVED, POLLABLE, Probe, plan
+from virtpub.drivers.libvirt.events import LIFECYCLE_ID, Catalog
 
 CATALOG = Catalog(vars(libvirt))
 LIFECYCLE = CATALOG.lifecycle_types
@@ -99,5 +98,5 @@ def test_the_readme_table_is_the_map() -> None:
     begin, end = "<!-- capability-map:begin -->\n", "\n<!-- capability-map:end -->"
     table = readme[readme.index(begin) + len(begin) : readme.index(end)]
     assert table == capability_map.markdown_table().rstrip("\n"), (
-        "regenerate the README table: python -m drivers.capability_map --markdown"
+        "regenerate the README table: python -m virtpub.drivers.libvirt.capability_map --markdown"
     )

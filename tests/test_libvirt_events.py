@@ -1,4 +1,4 @@
-"""Unit tests for drivers/libvirt_events.py: libvirt callback arguments to DomainEvent values.
+"""Unit tests for drivers/libvirt/events.py: libvirt callback arguments to DomainEvent values.
 
 Two catalogs are used. A small fake constants mapping with invented names proves
 the names really come from the binding's constants (not from a table in the
@@ -13,8 +13,8 @@ from types import MappingProxyType
 
 import libvirt
 import pytest
-
-from drivers.libvirt_events import (
+from virtpub.core.event import Codes, DomainEvent, DomainRef
+from virtpub.drivers.libvirt.events import (
     FIELDS,
     ID_PREFIX,
     LIFECYCLE_ID,
@@ -25,7 +25,6 @@ from drivers.libvirt_events import (
     normalize,
     normalize_info,
 )
-from publisher.event import Codes, DomainEvent, DomainRef
 
 DOMAIN = DomainRef(uuid="6f1c6a52-3d0e-4b8a-9a43-1f0e2f7f6a11", name="web-01", id=7)
 BACKEND = "virtpub://hv01/libvirt/test"

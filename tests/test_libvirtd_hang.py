@@ -23,8 +23,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from virtpub.drivers.libvirt.domain import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_S
 
-from drivers.libvirt_domain import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_S
 from tests.conftest import Consumer, Received, RunningPublisher
 from tests.test_faults import spooled_sequence
 

@@ -1,4 +1,4 @@
-"""Unit tests for publisher/model.py: which domains exist, as the 2008 libvirt RFC defines it.
+"""Unit tests for publisher/core/tracker.py: which domains exist, as the 2008 RFC defines it.
 
 The Tracker does no I/O; every test drives it with libvirt events built by the real
 catalog (so implied states are what the driver produces) and a fake probe that
@@ -20,11 +20,10 @@ from typing import Literal
 
 import libvirt
 import pytest
-
-from drivers.libvirt_events import Catalog, normalize
-from publisher import model
-from publisher.event import DomainEvent, DomainFacts, DomainRef
-from publisher.model import GONE, Publication, Record, Tracker
+from virtpub.core import tracker as model
+from virtpub.core.event import DomainEvent, DomainFacts, DomainRef
+from virtpub.core.tracker import GONE, Publication, Record, Tracker
+from virtpub.drivers.libvirt.events import Catalog, normalize
 
 BACKEND = "virtpub://hv01/libvirt/qemu%3A%2F%2F%2Fsystem"
 T0 = 1_700_000_000.5

@@ -16,12 +16,12 @@ import pika
 import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
+from virtpub.amqp.broker import Broker
+from virtpub.contract.envelope import CONTENT_TYPE, OutgoingMessage
+from virtpub.daemon.spool import Spool
+from virtpub.drivers.libvirt import capability_map
+from virtpub.drivers.libvirt.capability_map import DriverRow
 
-from drivers import capability_map
-from drivers.capability_map import DriverRow
-from publisher.broker import Broker
-from publisher.envelope import CONTENT_TYPE, OutgoingMessage
-from publisher.spool import Spool
 from tests.conftest import (
     HOST_ID,
     Consumer,
@@ -323,7 +323,7 @@ def test_without_an_alternate_exchange_unroutable_messages_are_returned_kept_and
 ) -> None:
     """No policy and no binding: every message comes back (mandatory), is kept in the
     spool's returned table and counted, and only the first one is explained in the log."""
-    caplog.set_level(logging.WARNING, logger="publisher.broker")
+    caplog.set_level(logging.WARNING, logger="virtpub.amqp.broker")
     publisher = publisher_factory()
     xml, dom_uuid = domain_xml("vm-no-alternate")
     run_lifecycle(publisher.conn, xml)

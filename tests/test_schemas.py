@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
-
-from publisher import schemas
+from virtpub.contract import schemas
 
 SCHEMA_DIR = schemas.schema_dir()
 VERSIONS_FILE = SCHEMA_DIR / "versions.json"

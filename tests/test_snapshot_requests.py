@@ -19,14 +19,14 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
+from virtpub.amqp.requests import CapabilityResponder, requests_exchange
+from virtpub.daemon.inbox import Inbox
+from virtpub.tools import inventory
 
-from publisher import inventory
-from publisher.inbox import Inbox
-from publisher.requests import CapabilityResponder, requests_exchange
 from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid, wait_for
 from tests.test_publish_test_driver import domain_xml
 
-VIRTPUB = [sys.executable, "-m", "publisher"]
+VIRTPUB = [sys.executable, "-m", "virtpub"]
 
 
 def virtpub(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -108,7 +108,7 @@ def test_a_snapshot_request_without_a_uuid_is_refused_logged_and_counted(
     connection.close()
     wait_for(lambda: responder.rejected == 2, 10, "both requests refused")
     assert not [b for b in brackets(consumer.quiet(1.0)) if b["data"]["reason"] == "requested"]
-    refusals = [r.getMessage() for r in caplog.records if r.name == "publisher.requests"]
+    refusals = [r.getMessage() for r in caplog.records if r.name == "virtpub.amqp.requests"]
     assert len(refusals) == 2 and all("without a UUID correlation_id" in m for m in refusals)
     assert responder.serving and responder.snapshots_requested == 0
 
@@ -216,7 +216,7 @@ def test_every_step_tolerates_its_channel_closing_meanwhile(
     assert io_thread.error is None, f"a step raised into pika: {io_thread.error!r}"
     assert io_thread.connection.is_open and not responder.serving
     assert not [
-        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("publisher")
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("virtpub")
     ]
 
     # The connection survived: a responder on it serves.
@@ -262,7 +262,7 @@ def test_requests_are_served_again_once_a_dead_connection_lets_go_of_the_queue(
     holder = pika.BlockingConnection(pika.URLParameters(amqp_url))
     queue = f"{requests_exchange(exchange)}.{HOST_ID}"
     holder.channel().queue_declare(queue, exclusive=True, auto_delete=True)
-    caplog.set_level(logging.INFO, logger="publisher.requests")
+    caplog.set_level(logging.INFO, logger="virtpub.amqp.requests")
     publisher = publisher_factory()
     responder = publisher.daemon._responder
     wait_for(
@@ -282,7 +282,9 @@ def test_requests_are_served_again_once_a_dead_connection_lets_go_of_the_queue(
     assert took < 15, f"served again {took:.1f} s after the queue was freed"
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
     warnings = [
-        r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "publisher.requests"
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name == "virtpub.amqp.requests"
     ]
     assert len(warnings) == 1, "one warning, not one per retry (pika's own are silenced)"
     print(f"served again {took:.2f} s after the held queue was freed")

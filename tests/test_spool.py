@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from publisher.envelope import OutgoingMessage, encode_properties
-from publisher.spool import KEEP_TYPE, DroppedRange, Spool, stored_size
+from virtpub.contract.envelope import OutgoingMessage, encode_properties
+from virtpub.daemon.spool import KEEP_TYPE, DroppedRange, Spool, stored_size
 
 
 def message(sequence: int, kind: str = "org.virtpub.domain.started") -> OutgoingMessage:

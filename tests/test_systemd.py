@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from publisher.systemd import Notifier
+from virtpub.daemon.systemd import Notifier
 
 UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -169,7 +168,7 @@ def test_failures_never_raise_and_are_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens"), 2_000_000)
-    with caplog.at_level(logging.WARNING, logger="publisher.systemd"):
+    with caplog.at_level(logging.WARNING, logger="virtpub.daemon.systemd"):
         notifier.ready("up")
         notifier.watchdog()
         notifier.status("fine")
@@ -181,7 +180,7 @@ def test_failures_never_raise_and_are_logged_once(
 def test_an_address_that_is_neither_path_nor_abstract_is_refused_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="publisher.systemd"):
+    with caplog.at_level(logging.WARNING, logger="virtpub.daemon.systemd"):
         notifier = Notifier.from_environment({"NOTIFY_SOCKET": "relative/notify"})
         notifier.ready()
     assert not notifier.enabled

@@ -20,8 +20,8 @@ from pathlib import Path
 import pika
 import pika.credentials
 import pytest
+from virtpub.amqp.connection import BrokerFatalError, connection_parameters
 
-from publisher.connection import BrokerFatalError, connection_parameters
 from tests.conftest import make_settings
 from tests.rabbitnode import TLS_USER, RabbitNode
 from tests.test_archive import ids, wait_for
@@ -30,8 +30,8 @@ from tests.test_inventory import fleet
 from tests.test_inventory import publish as publish_bodies
 from tests.test_tail import finish, message, publish, start
 
-VIRTPUB = [sys.executable, "-m", "publisher"]
-CLI = "from publisher.cli import main; main(prog_name='virtpub')"
+VIRTPUB = [sys.executable, "-m", "virtpub"]
+CLI = "from virtpub.cli.main import main; main(prog_name='virtpub')"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def tls_node() -> Iterator[RabbitNode]:
 
 def run(node: RabbitNode, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "publisher", "run", "--libvirt-uri", "test:///default",
+        [sys.executable, "-m", "virtpub", "run", "--libvirt-uri", "test:///default",
          "--state-dir", str(tmp_path), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pika
 import pytest
+from virtpub.amqp.requests import requests_exchange
+from virtpub.config import BrokerSettings
+from virtpub.tools.ask import ask
 
-from publisher.ask import ask
-from publisher.config import BrokerSettings
-from publisher.requests import requests_exchange
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher
 from tests.test_publish_test_driver import domain_xml, keys_for, run_lifecycle
 
@@ -33,7 +33,7 @@ def test_a_consumer_that_declared_the_exchange_first_receives_every_event(
 ) -> None:
     """The orchestrator's plain declaration comes first; virtpub's matches it, and so does
     another consumer's after virtpub started."""
-    caplog.set_level(logging.INFO, logger="publisher.topology")
+    caplog.set_level(logging.INFO, logger="virtpub.amqp.topology")
     consumer = consumer_factory("#")  # declares the exchange: topic, durable, no arguments
     publisher = publisher_factory()
     consumer.collect(snapshot_ended)
@@ -62,7 +62,7 @@ def test_exchanges_with_an_earlier_virtpubs_alternate_exchange_argument_are_used
     """The events and requests exchanges as virtpub declared them before, with the argument:
     the plain declaration is refused (406), so virtpub finds them passively, says so once
     each, publishes and answers capabilities requests."""
-    caplog.set_level(logging.INFO, logger="publisher.topology")
+    caplog.set_level(logging.INFO, logger="virtpub.amqp.topology")
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
         for name in (exchange, requests_exchange(exchange)):
@@ -94,7 +94,7 @@ def test_a_requests_exchange_of_another_type_leaves_publishing_going(
 ) -> None:
     """Requests cannot be served through a fanout exchange, but the events still go out:
     one warning, and the run goes on (the events exchange's type is what stops virtpub)."""
-    caplog.set_level(logging.WARNING, logger="publisher.requests")
+    caplog.set_level(logging.WARNING, logger="virtpub.amqp.requests")
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         connection.channel().exchange_declare(requests_exchange(exchange), "fanout", durable=True)
     consumer = consumer_factory("#")

@@ -61,7 +61,7 @@ def run_virtpub(amqp_url: str, exchange: str, tmp_path: Path) -> Iterator[Callab
         log = tmp_path / f"virtpub-{len(started)}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [sys.executable, "-m", "publisher", "run", "--amqp-url", amqp_url,
+                [sys.executable, "-m", "virtpub", "run", "--amqp-url", amqp_url,
                  "--exchange", exchange, "--state-dir", str(tmp_path / "state"),
                  "--host-id", HOST_ID, *args],
                 stdout=subprocess.DEVNULL, stderr=sink,

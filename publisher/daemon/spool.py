@@ -1,0 +1,482 @@
+"""A durable FIFO of accepted messages: in it before publishing, out of it after the broker's ack.
+
+Beside the messages it keeps what virtpub last published about each domain, in
+the same transaction: after a crash or restart the two always agree, so the
+resync compares libvirt's listing with exactly what consumers were told.
+
+SQLite in WAL mode with `synchronous=FULL`: a committed append survives a kill
+and a power cut. Appends come in batches, one transaction (one fsync) each, so
+durability does not cost an fsync per event. The spool also keeps the last
+sequence number handed out, so a restarted publisher continues without a gap.
+
+The spool is bounded by what its unconfirmed messages take (`stored_size`,
+counted as they come and go, so no query is needed to know it); the daemon
+applies the full-spool policy. Messages the broker returned as unroutable even
+through the alternate exchange are kept in a table of their own, for the
+operator, instead of vanishing with their ack.
+
+Confirmed messages are deleted by a janitor thread of the spool's own, in
+batches and without fsync: the AMQP I/O thread never waits for the disk, and a
+delete lost to a power cut only means a resend (with the same id) of a message
+the broker already had, which at-least-once allows. One connection serves both
+threads under a lock: two connections would contend for SQLite's write lock,
+whose busy handler sleeps for up to tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from virtpub.contract.envelope import OutgoingMessage
+from virtpub.core.event import DomainState
+from virtpub.core.tracker import Record
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    sequence    INTEGER PRIMARY KEY,
+    id          TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    timestamp   INTEGER NOT NULL,
+    properties  BLOB NOT NULL,
+    body        BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS returned (
+    sequence    INTEGER PRIMARY KEY,
+    id          TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    timestamp   INTEGER NOT NULL,
+    properties  BLOB NOT NULL,
+    body        BLOB NOT NULL,
+    reply_code  INTEGER NOT NULL,
+    reply_text  TEXT NOT NULL,
+    returned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS domains (
+    backend     TEXT NOT NULL,
+    uuid        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    persistent  INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state_code  INTEGER NOT NULL,
+    reason_code INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (backend, uuid)
+);
+"""
+
+log = logging.getLogger(__name__)
+
+KEEP_TYPE = "org.virtpub.publisher.dropped"
+"""Never dropped to make room: the reports of earlier drops."""
+ROW_OVERHEAD = 40
+"""Bytes a stored message takes beyond its fields: SQLite's record header and index entry."""
+_STORED_SIZE_SQL = (
+    f"length(id) + length(routing_key) + length(type) + length(properties) + length(body)"
+    f" + {ROW_OVERHEAD}"
+)
+
+
+def stored_size(message: OutgoingMessage) -> int:
+    """What a spooled message counts against the spool's bound (ids and keys are ASCII)."""
+    return (
+        len(message.id)
+        + len(message.routing_key)
+        + len(message.type)
+        + len(message.properties)
+        + len(message.body)
+        + ROW_OVERHEAD
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRange:
+    """Spooled messages given up to make room: sequences first..last, all of them."""
+
+    first: int
+    last: int
+    types: Mapping[str, int]
+    at: float
+    """Wall-clock time of the drop."""
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+    @staticmethod
+    def merge(ranges: Iterable[DroppedRange]) -> list[DroppedRange]:
+        """Adjacent ranges as one, so a long outage is told in one message, not hundreds."""
+        merged: list[DroppedRange] = []
+        for current in sorted(ranges, key=lambda r: r.first):
+            previous = merged[-1] if merged else None
+            if previous is None or previous.last + 1 != current.first:
+                merged.append(current)
+                continue
+            types = collections.Counter(previous.types)
+            types.update(current.types)
+            merged[-1] = DroppedRange(previous.first, current.last, dict(types), previous.at)
+        return merged
+
+
+DomainChanges = Mapping[str, tuple[Mapping[str, Record], AbstractSet[str]]]
+"""Per backend: the records that changed and the UUIDs that no longer exist."""
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened or written; one line for the operator."""
+
+
+class SpoolDiskFullError(SpoolError):
+    """The state directory's filesystem is full: nothing was written, and trying again
+    once there is room succeeds."""
+
+
+class Spool:
+    JANITOR_PERIOD_S = 0.02
+    CHECKPOINT_EVERY = 5_000
+    """Confirmed messages between two WAL checkpoints, which keep the WAL file small."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._confirmed: list[tuple[int, int]] = []
+        """(sequence, stored size) of confirmed messages the janitor has yet to delete."""
+        self._returned: list[tuple[OutgoingMessage, int, str, float]] = []
+        self._confirmed_lock = threading.Lock()
+        self._janitor_lock = threading.Lock()
+        self._deleted = 0
+        self._janitor_failing = False
+        self._wake = threading.Event()
+        self._closing = False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._connect("FULL")
+            # Checkpoints copy the WAL into the database and fsync it: the janitor runs them,
+            # so no append waits for one.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute(f"SELECT TOTAL({_STORED_SIZE_SQL}) FROM messages").fetchone()
+            self._bytes = int(row[0])
+            self._checkpointer = self._connect("FULL")
+        except (OSError, sqlite3.Error) as err:
+            raise SpoolError(f"spool: cannot open {str(path)!r}: {err}") from err
+        self._janitor = threading.Thread(target=self._sweep, name="spool-janitor", daemon=True)
+        self._janitor.start()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=10000")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        return db
+
+    @property
+    def used_bytes(self) -> int:
+        """What the unconfirmed messages take, by `stored_size`."""
+        return self._bytes
+
+    def last_sequence(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()
+        return int(row[0]) if row else 0
+
+    def after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
+        """Up to `limit` unconfirmed messages that follow `sequence`, in original order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sequence, id, routing_key, type, timestamp, properties, body"
+                " FROM messages WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                (sequence, limit),
+            ).fetchall()
+        return [_message(row) for row in rows]
+
+    def domains(self) -> dict[str, dict[str, Record]]:
+        """What was last published about each domain, per backend."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT backend, uuid, name, persistent, state, reason, state_code, reason_code,"
+                " seq FROM domains"
+            ).fetchall()
+        result: dict[str, dict[str, Record]] = {}
+        for backend, uuid, name, persistent, state, reason, state_code, reason_code, seq in rows:
+            result.setdefault(backend, {})[uuid] = Record(
+                name, bool(persistent), DomainState(state, reason, state_code, reason_code), seq
+            )
+        return result
+
+    def append(
+        self, messages: Sequence[OutgoingMessage], domains: DomainChanges | None = None
+    ) -> None:
+        if not messages:
+            return
+        with self._transaction():
+            for backend, (changed, removed) in (domains or {}).items():
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (backend, uuid, r.name, int(r.persistent), r.state.state,
+                         r.state.reason, r.state.state_code, r.state.reason_code, r.seq)
+                        for uuid, r in changed.items()
+                    ],
+                )  # fmt: skip
+                self._db.executemany(
+                    "DELETE FROM domains WHERE backend = ? AND uuid = ?",
+                    [(backend, uuid) for uuid in removed],
+                )
+            self._db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (m[:7] for m in messages)
+            )
+            self._db.execute(
+                "INSERT INTO meta VALUES ('sequence', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (messages[-1].sequence,),
+            )
+            freed, settled = self._forget_confirmed()
+        self._settle(*settled)
+        size = sum(map(stored_size, messages))
+        with self._lock:
+            self._bytes += size - freed
+
+    def drop_oldest(self, after: int, need: int) -> list[DroppedRange]:
+        """Deletes the oldest messages following `after` until `need` bytes are free.
+
+        `after` is the last sequence handed to the broker: messages it holds are
+        not dropped, as they may yet be confirmed. Nor are earlier reports of drops
+        (`KEEP_TYPE`): a consumer learns of every gap even when the outage lasts.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT sequence, type, {_STORED_SIZE_SQL} FROM messages WHERE sequence > ?"
+                " ORDER BY sequence",
+                (after,),
+            )
+            spans: list[tuple[int, int, collections.Counter[str]]] = []
+            freed = 0
+            for sequence, mtype, size in rows:
+                if freed >= need:
+                    break
+                if mtype == KEEP_TYPE:
+                    continue
+                if not spans or spans[-1][1] + 1 != sequence:
+                    spans.append((sequence, sequence, collections.Counter()))
+                first, _, types = spans[-1]
+                types[mtype] += 1
+                spans[-1] = (first, sequence, types)
+                freed += size
+            rows.close()
+        dropped = [
+            DroppedRange(first, last, dict(types), time.time()) for first, last, types in spans
+        ]
+        if not dropped:
+            return []
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM messages WHERE sequence >= ? AND sequence <= ?",
+                [(span.first, span.last) for span in dropped],
+            )
+            self._bytes -= freed
+        return dropped
+
+    def remove(self, messages: Iterable[OutgoingMessage]) -> None:
+        """Forgets confirmed messages; returns at once (the janitor deletes them)."""
+        confirmed = [(m.sequence, stored_size(m)) for m in messages]
+        with self._confirmed_lock:
+            self._confirmed.extend(confirmed)
+        self._wake.set()
+
+    def keep_returned(self, message: OutgoingMessage, reply_code: int, reply_text: str) -> None:
+        """Keeps a message the broker returned as unroutable; returns at once (the janitor
+        stores it, before it deletes the message when its ack arrives)."""
+        with self._confirmed_lock:
+            self._returned.append((message, reply_code, reply_text, time.time()))
+        self._wake.set()
+
+    def returned(self) -> list[tuple[OutgoingMessage, int, str]]:
+        """The messages kept as returned, oldest first, with the broker's reply."""
+        self._delete_confirmed()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sequence, id, routing_key, type, timestamp, properties, body,"
+                " reply_code, reply_text FROM returned ORDER BY sequence"
+            ).fetchall()
+        return [(_message(row[:7]), int(row[7]), str(row[8])) for row in rows]
+
+    def _sweep(self) -> None:
+        while not self._closing:
+            self._wake.wait()
+            time.sleep(self.JANITOR_PERIOD_S)  # let confirmations gather into one delete
+            self._wake.clear()
+            self._delete_confirmed()
+
+    def _delete_confirmed(self) -> None:
+        with self._janitor_lock:
+            self._delete_batch()
+            with self._lock:
+                due, self._deleted = self._deleted >= self.CHECKPOINT_EVERY, self._deleted
+                if due:
+                    self._deleted = 0
+            if due:
+                # On a connection of its own, without the lock: a checkpoint fsyncs the
+                # database, and appends must not wait for that.
+                try:
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as err:
+                    self._janitor_failed("could not checkpoint", err)
+
+    def _delete_batch(self) -> None:
+        """For when no append comes to take the confirmations along."""
+        if not self._confirmed and not self._returned:
+            return
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._db.execute("BEGIN")
+                    freed, settled = self._forget_confirmed()
+                    self._db.execute("COMMIT")
+                    self._bytes -= freed
+                finally:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._settle(*settled)
+        except sqlite3.Error as err:
+            # The confirmations stay listed, and the next sweep or append tries again.
+            self._janitor_failed("could not delete confirmed messages", err)
+            return
+        if self._janitor_failing:
+            self._janitor_failing = False
+            log.info("spool: deleting confirmed messages again")
+
+    def _janitor_failed(self, what: str, err: sqlite3.Error) -> None:
+        """One line when the janitor starts failing (a full disk fails every sweep)."""
+        if not self._janitor_failing:
+            self._janitor_failing = True
+            log.warning("spool: %s: %s; trying again", what, err)
+
+    def _forget_confirmed(self) -> tuple[int, tuple[int, int]]:
+        """In the caller's transaction: keeps what the broker returned, deletes what it
+        confirmed, and says how many bytes that frees once committed, and how many of
+        each list to `_settle` then (until the commit, they stay listed: a transaction
+        that fails, on a full disk say, loses none of them).
+
+        Appends call it too, so that in a burst confirmations cost no transaction of
+        their own; returned copies are stored first, in the same transaction.
+        """
+        with self._confirmed_lock:
+            batch, returned = list(self._confirmed), list(self._returned)
+        if returned:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*m[:7], code, text, at) for m, code, text, at in returned],
+            )
+        if batch:
+            self._db.executemany(
+                "DELETE FROM messages WHERE sequence BETWEEN ? AND ?",
+                _ranges(sorted(s for s, _ in batch)),
+            )
+        return sum(size for _, size in batch), (len(batch), len(returned))
+
+    def _settle(self, confirmed: int, returned: int) -> None:
+        """After the commit: the first `confirmed` and `returned` entries are on disk now."""
+        with self._confirmed_lock:
+            del self._confirmed[:confirmed]
+            del self._returned[:returned]
+        with self._lock:
+            self._deleted += confirmed
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One commit (one fsync) for a whole batch."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                yield
+                self._db.execute("COMMIT")
+            except sqlite3.Error as err:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise SpoolDiskFullError(
+                        f"spool: the filesystem of {str(self.path.parent)!r} is full: {err}"
+                    ) from err
+                raise SpoolError(f"spool: cannot write {str(self.path)!r}: {err}") from err
+
+    def reclaim(self) -> None:
+        """After a full disk: deletes what is confirmed, then checkpoints and truncates the
+        WAL. Until a checkpoint the WAL only grows (into any space freed meanwhile), and
+        the janitor's checkpoint waits for deletes that a full disk fails."""
+        self._delete_confirmed()
+        with self._janitor_lock:
+            try:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as err:
+                self._janitor_failed("could not checkpoint", err)
+
+    def first_sequence(self) -> int:
+        """The sequence of the oldest unconfirmed message (0 when there is none)."""
+        self._delete_confirmed()
+        with self._lock:
+            row = self._db.execute("SELECT MIN(sequence) FROM messages").fetchone()
+        return int(row[0] or 0)
+
+    def count(self) -> int:
+        """Messages not yet confirmed by the broker."""
+        self._delete_confirmed()
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    def returned_count(self) -> int:
+        self._delete_confirmed()
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM returned").fetchone()[0])
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._janitor.join(5)
+        self._delete_confirmed()
+        with self._lock:
+            self._checkpointer.close()
+            self._db.close()
+
+
+def _message(row: Sequence[Any]) -> OutgoingMessage:
+    sequence, mid, key, mtype, timestamp, properties, body = row
+    return OutgoingMessage(
+        sequence=sequence,
+        id=mid,
+        routing_key=key,
+        type=mtype,
+        timestamp=timestamp,
+        properties=bytes(properties),
+        body=bytes(body),
+    )
+
+
+def _ranges(sequences: list[int]) -> list[tuple[int, int]]:
+    """Sorted sequences as (first, last) runs: confirmations come mostly in runs, and one
+    range delete costs SQLite far less than a delete per row."""
+    runs: list[tuple[int, int]] = []
+    for sequence in sequences:
+        if runs and runs[-1][1] + 1 == sequence:
+            runs[-1] = (runs[-1][0], sequence)
+        else:
+            runs.append((sequence, sequence))
+    return runs
