@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pika
+
 from virtpub.config import Settings
 from virtpub.contract.envelope import Envelope, OutgoingMessage
-from virtpub.core.tracker import GONE, Tracker
+from virtpub.core.event import GONE
+from virtpub.core.tracker import Tracker
 from virtpub.daemon.service import Daemon
 from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
+
+from virtpub.contract.routing import DEFAULT_EXCHANGE
 from virtpub.core.redact import redact_url
 
 ENV_PREFIX = "VIRTPUB_"
@@ -35,7 +37,7 @@ DEFAULTS: Mapping[str, object] = {
     "watch_defines": "fallback",
     "rescan_interval": 300.0,
     "amqp_url": ("amqp://guest:guest@localhost:5672/%2F",),
-    "exchange": "virt.events",
+    "exchange": DEFAULT_EXCHANGE,
     "host_id": None,
     "state_dir": "/var/lib/virtpub",
     "log_level": "info",

@@ -31,13 +31,13 @@ import jsonschema
 import libvirt
 import pika
 import pytest
+
+from tests.rabbitnode import RabbitNode, selected_broker
 from virtpub.config import Settings
 from virtpub.contract import schemas
 from virtpub.daemon.service import Daemon
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.domain import CapabilityLookup, LibvirtDomainDriver
-
-from tests.rabbitnode import RabbitNode, selected_broker
 
 AMQP_URL = os.environ.get("VIRTPUB_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 HOST_ID = "testhost"

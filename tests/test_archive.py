@@ -19,11 +19,11 @@ import pika
 import pika.exceptions
 import pytest
 from click.testing import CliRunner
-from virtpub.tools.archive import ArchiveError, ArchiveWriter, MemberReader, archive_group
 
 from tests.conftest import HOST_ID, RunningPublisher, on_test_broker
 from tests.test_publish_test_driver import domain_xml, run_lifecycle
 from tests.test_tail import Message, finish, publish, start
+from virtpub.tools.archive import ArchiveError, ArchiveWriter, MemberReader, archive_group
 
 ARCHIVE = (
     "from virtpub.tools.archive import archive_group; archive_group(prog_name='virtpub archive')"

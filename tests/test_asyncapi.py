@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from jsonschema import Draft7Validator, FormatChecker
+
 from virtpub import __version__
 from virtpub.contract import asyncapi, schemas
 from virtpub.contract.envelope import Envelope, OutgoingMessage

@@ -11,11 +11,11 @@ from typing import Any
 
 import libvirt
 import pytest
+
+from tests.conftest import QEMU_URI, Consumer, RunningPublisher, assert_valid
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.capabilities import DERIVED, POLLABLE
 from virtpub.drivers.libvirt.events import Catalog
-
-from tests.conftest import QEMU_URI, Consumer, RunningPublisher, assert_valid
 
 
 @pytest.mark.parametrize("uri", [QEMU_URI, "lxc:///", "test:///default"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import libvirt
 import pytest
+
 from virtpub.drivers.libvirt import capability_map as cm
 from virtpub.drivers.libvirt.events import FIELDS, LIFECYCLE_ID, Catalog, Enum, event_type_of
 

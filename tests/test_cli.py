@@ -17,9 +17,9 @@ from typing import Any
 import libvirt
 import pika
 import pytest
-from virtpub.config import sanitize_host_id
 
 from tests.conftest import HOST_ID, Consumer
+from virtpub.config import sanitize_host_id
 
 VIRTPUB = [sys.executable, "-m", "virtpub"]
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pika
 import pytest
-from virtpub.core.redact import redact_url
 
 from tests.rabbitcluster import RabbitCluster
 from tests.test_faults import BURST, DOMAINS, STARTUP, assert_complete, depth, read_all, wait_until
+from virtpub.core.redact import redact_url
 
 HOST_ID = "clustered"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from virtpub import config
 from virtpub.config import (
     DEFAULTS,

@@ -8,6 +8,7 @@ from xml.sax.saxutils import escape
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from virtpub.drivers.files.config_files import (
     MAX_BYTES,
     SUFFIXES,

@@ -31,11 +31,11 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pika.exceptions
 import pytest
-from virtpub.config import DEFAULTS, BrokerSettings, read_config_file, resolve
-from virtpub.tools.ask import ask
 
 from tests.rabbitnode import RABBITMQ_USER, RabbitNode
 from tests.test_faults import depth, wait_until
+from virtpub.config import DEFAULTS, BrokerSettings, read_config_file, resolve
+from virtpub.tools.ask import ask
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DEFINITIONS = DEPLOY / "definitions.json"

@@ -22,6 +22,7 @@ import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 from jsonschema import Draft202012Validator, FormatChecker
+
 from virtpub import __version__
 from virtpub.contract import envelope, schemas
 from virtpub.contract.envelope import (
@@ -30,13 +31,13 @@ from virtpub.contract.envelope import (
     MessageIds,
     OutgoingMessage,
     rfc3339,
-    routing_key,
 )
+from virtpub.contract.routing import FORMAT as ROUTING_KEY_FORMAT
+from virtpub.contract.routing import RoutingKey
 from virtpub.core.capabilities import BackendCapabilities, EventSupport
-from virtpub.core.event import DomainEvent, DomainFacts, DomainRef, DomainState
+from virtpub.core.event import GONE, DomainEvent, DomainFacts, DomainRef, DomainState
 from virtpub.core.redact import redact_url
-from virtpub.core.tracker import GONE, Publication, Tracker
-from virtpub.daemon.service import ROUTING_KEY_FORMAT
+from virtpub.core.tracker import Publication, Tracker
 from virtpub.drivers.libvirt.domain import source_uri
 from virtpub.drivers.libvirt.events import Catalog, EventIdSpec, Field, normalize
 
@@ -133,14 +134,23 @@ def test_format_checker_really_checks_the_formats_the_schemas_use() -> None:
 
 
 def test_routing_key_with_detail() -> None:
-    assert routing_key(1, "hv01", "domain", "stopped", "destroyed") == (
-        "v1.hv01.domain.stopped.destroyed"
-    )
+    key = RoutingKey(1, "hv01", "domain", "stopped", "destroyed")
+    assert str(key) == "v1.hv01.domain.stopped.destroyed"
+    assert RoutingKey.parse(str(key)) == key
+
+
+@pytest.mark.parametrize(
+    "text", ["", "v1.hv01.domain", "x1.hv01.domain.started", "v.hv01.domain.started", "v1..a.b"]
+)
+def test_a_key_that_is_not_virtpubs_does_not_parse(text: str) -> None:
+    assert RoutingKey.parse(text) is None
 
 
 @pytest.mark.parametrize("detail", [None, ""])
 def test_routing_key_without_detail_has_four_segments(detail: str | None) -> None:
-    assert routing_key(2, "hv01", "domain", "rtc_change", detail) == "v2.hv01.domain.rtc_change"
+    key = RoutingKey(2, "hv01", "domain", "rtc_change", detail)
+    assert str(key) == "v2.hv01.domain.rtc_change"
+    assert RoutingKey.parse(str(key)) == RoutingKey(2, "hv01", "domain", "rtc_change")
 
 
 # --- a domain event message --------------------------------------------------------------------

@@ -19,8 +19,6 @@ from typing import Any
 
 import libvirt
 import pytest
-from virtpub.drivers.libvirt.events import Catalog
-from virtpub.tools.inventory import Inventory
 
 from tests.conftest import (
     HOST_ID,
@@ -33,6 +31,8 @@ from tests.conftest import (
     open_qemu,
     restart_libvirtd,
 )
+from virtpub.drivers.libvirt.events import Catalog
+from virtpub.tools.inventory import Inventory
 
 CATALOG = Catalog(vars(libvirt))
 

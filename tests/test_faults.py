@@ -25,12 +25,12 @@ from typing import Any
 
 import pika
 import pytest
-from virtpub.config import BrokerSettings
-from virtpub.daemon.spool import ROW_OVERHEAD
-from virtpub.tools.ask import ask
 
 from tests.blackhole import BlackHoleProxy
 from tests.rabbitnode import RabbitNode, pick_port
+from virtpub.config import BrokerSettings
+from virtpub.daemon.spool import ROW_OVERHEAD
+from virtpub.tools.ask import ask
 
 DOMAINS = 50
 BURST = 10_000

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
+
 from virtpub.contract import schemas
 from virtpub.contract.envelope import Envelope
 from virtpub.core.driver import Driver, DriverError
-from virtpub.core.event import BackendChange, ConfigRejected, DomainEvent
-from virtpub.core.tracker import SHUTOFF, Tracker
+from virtpub.core.event import SHUTOFF, BackendChange, ConfigRejected, DomainEvent
+from virtpub.core.tracker import Tracker
 from virtpub.drivers.files import driver as filesystem
 from virtpub.drivers.files.config_files import MAX_BYTES
 from virtpub.drivers.files.driver import (

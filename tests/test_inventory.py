@@ -11,6 +11,8 @@ from typing import Any
 import pika
 import pytest
 from click.testing import CliRunner
+
+from tests.conftest import on_test_broker
 from virtpub.config import BrokerSettings
 from virtpub.tools.inventory import (
     Inventory,
@@ -20,8 +22,6 @@ from virtpub.tools.inventory import (
     render_table,
     to_json,
 )
-
-from tests.conftest import on_test_broker
 
 WEB = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 DB = "0b6cf9b2-5d0e-4a8e-9a51-1f0e6c3a7d21"

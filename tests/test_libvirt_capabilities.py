@@ -6,6 +6,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.capabilities import DERIVED, POLLABLE, Probe, plan
 from virtpub.drivers.libvirt.events import LIFECYCLE_ID, Catalog

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 import libvirt
 import pytest
+
 from virtpub.core.event import Codes, DomainEvent, DomainRef
 from virtpub.drivers.libvirt.events import (
     FIELDS,

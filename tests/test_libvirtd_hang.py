@@ -23,10 +23,10 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from virtpub.drivers.libvirt.domain import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_S
 
 from tests.conftest import Consumer, Received, RunningPublisher
 from tests.test_faults import spooled_sequence
+from virtpub.drivers.libvirt.domain import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_S
 
 KEEPALIVE_BOUND_S = KEEPALIVE_INTERVAL_S * (KEEPALIVE_COUNT + 1)
 

@@ -14,11 +14,11 @@ from typing import Any
 import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from virtpub.tools.ask import ask_capabilities, request_snapshot
 
 from tests.conftest import Consumer, RunningPublisher, make_settings, wait_for
 from tests.rabbitnode import pick_port
 from tests.test_publish_test_driver import count_for, domain_xml
+from virtpub.tools.ask import ask_capabilities, request_snapshot
 
 
 @pytest.fixture

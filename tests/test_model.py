@@ -20,9 +20,10 @@ from typing import Literal
 
 import libvirt
 import pytest
+
 from virtpub.core import tracker as model
-from virtpub.core.event import DomainEvent, DomainFacts, DomainRef
-from virtpub.core.tracker import GONE, Publication, Record, Tracker
+from virtpub.core.event import GONE, DomainEvent, DomainFacts, DomainRef
+from virtpub.core.tracker import Publication, Record, Tracker
 from virtpub.drivers.libvirt.events import Catalog, normalize
 
 BACKEND = "virtpub://hv01/libvirt/qemu%3A%2F%2F%2Fsystem"

@@ -16,11 +16,6 @@ import pika
 import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
-from virtpub.amqp.broker import Broker
-from virtpub.contract.envelope import CONTENT_TYPE, OutgoingMessage
-from virtpub.daemon.spool import Spool
-from virtpub.drivers.libvirt import capability_map
-from virtpub.drivers.libvirt.capability_map import DriverRow
 
 from tests.conftest import (
     HOST_ID,
@@ -30,6 +25,11 @@ from tests.conftest import (
     alternate_exchange_policy,
     assert_valid,
 )
+from virtpub.amqp.broker import Broker
+from virtpub.contract.envelope import CONTENT_TYPE, OutgoingMessage
+from virtpub.daemon.spool import Spool
+from virtpub.drivers.libvirt import capability_map
+from virtpub.drivers.libvirt.capability_map import DriverRow
 
 DOMAIN_XML = """<domain type='test'>
   <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>

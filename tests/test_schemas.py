@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
+
 from virtpub.contract import schemas
 
 SCHEMA_DIR = schemas.schema_dir()

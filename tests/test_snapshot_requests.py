@@ -19,12 +19,12 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
-from virtpub.amqp.requests import CapabilityResponder, requests_exchange
-from virtpub.daemon.inbox import Inbox
-from virtpub.tools import inventory
 
 from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid, wait_for
 from tests.test_publish_test_driver import domain_xml
+from virtpub.amqp.requests import CapabilityResponder, requests_exchange
+from virtpub.daemon.inbox import Inbox
+from virtpub.tools import inventory
 
 VIRTPUB = [sys.executable, "-m", "virtpub"]
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from virtpub.contract.envelope import OutgoingMessage, encode_properties
 from virtpub.daemon.spool import KEEP_TYPE, DroppedRange, Spool, stored_size
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from virtpub.daemon.systemd import Notifier
 
 UCRED = struct.Struct("3i")  # pid, uid, gid

@@ -19,10 +19,10 @@ from typing import Any
 import pika
 import pytest
 from click.testing import CliRunner
-from virtpub.tools.tail import tail_command
 
 from tests.conftest import HOST_ID, RunningPublisher, on_test_broker
 from tests.test_publish_test_driver import domain_xml, run_lifecycle
+from virtpub.tools.tail import tail_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TAIL = "from virtpub.tools.tail import tail_command; tail_command(prog_name='virtpub tail')"

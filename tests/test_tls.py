@@ -20,7 +20,6 @@ from pathlib import Path
 import pika
 import pika.credentials
 import pytest
-from virtpub.amqp.connection import BrokerFatalError, connection_parameters
 
 from tests.conftest import make_settings
 from tests.rabbitnode import TLS_USER, RabbitNode
@@ -29,6 +28,7 @@ from tests.test_archive import stop as stop_archiver
 from tests.test_inventory import fleet
 from tests.test_inventory import publish as publish_bodies
 from tests.test_tail import finish, message, publish, start
+from virtpub.amqp.connection import BrokerFatalError, connection_parameters
 
 VIRTPUB = [sys.executable, "-m", "virtpub"]
 CLI = "from virtpub.cli.main import main; main(prog_name='virtpub')"

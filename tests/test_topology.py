@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import pika
 import pytest
-from virtpub.amqp.requests import requests_exchange
-from virtpub.config import BrokerSettings
-from virtpub.tools.ask import ask
 
 from tests.conftest import HOST_ID, Consumer, Received, RunningPublisher
 from tests.test_publish_test_driver import domain_xml, keys_for, run_lifecycle
+from virtpub.amqp.requests import requests_exchange
+from virtpub.config import BrokerSettings
+from virtpub.tools.ask import ask
 
 USED_AS_IT_IS = "using it as it is"
 

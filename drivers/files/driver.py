@@ -82,25 +82,6 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from virtpub.core.capabilities import BackendCapabilities, EventSupport
-from virtpub.core.driver import DriverError, Emit, Signal
-from virtpub.core.event import (
-    BackendChange,
-    ConfigRejected,
-    DomainEvent,
-    DomainFacts,
-    DomainRef,
-    JSONValue,
-)
-from virtpub.core.tracker import GONE, SHUTOFF
-from virtpub.drivers.files.config_files import (
-    MAX_BYTES,
-    Format,
-    Rejection,
-    is_format,
-    parse,
-    watched,
-)
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
@@ -115,6 +96,27 @@ from watchdog.events import (
 )
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
+
+from virtpub.core.capabilities import BackendCapabilities, EventSupport
+from virtpub.core.driver import DriverError, Emit, Signal
+from virtpub.core.event import (
+    GONE,
+    SHUTOFF,
+    BackendChange,
+    ConfigRejected,
+    DomainEvent,
+    DomainFacts,
+    DomainRef,
+    JSONValue,
+)
+from virtpub.drivers.files.config_files import (
+    MAX_BYTES,
+    Format,
+    Rejection,
+    is_format,
+    parse,
+    watched,
+)
 
 log = logging.getLogger(__name__)
 

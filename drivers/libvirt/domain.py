@@ -16,12 +16,12 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import libvirt
+
 from virtpub.core import retry
 from virtpub.core.capabilities import BackendCapabilities
 from virtpub.core.driver import DriverError, Emit
-from virtpub.core.event import BackendChange, DomainFacts, DomainRef
+from virtpub.core.event import GONE, BackendChange, DomainFacts, DomainRef
 from virtpub.core.redact import redact_url
-from virtpub.core.tracker import GONE
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.capabilities import Probe, plan
 from virtpub.drivers.libvirt.events import (

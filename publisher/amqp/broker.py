@@ -27,6 +27,7 @@ from typing import Any
 import pika
 import pika.exceptions
 import pika.spec
+
 from virtpub.amqp.connection import (
     BrokerFatalError,
     BrokerUnavailableError,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import pika
 import pika.spec
+
 from virtpub.amqp.topology import ExchangeSetup
 from virtpub.contract.envelope import CONTENT_TYPE
 

@@ -10,6 +10,7 @@ import uuid
 
 import click
 import libvirt
+
 from virtpub.contract.envelope import OutgoingMessage
 from virtpub.daemon.service import Daemon
 from virtpub.drivers.libvirt.domain import LibvirtDomainDriver

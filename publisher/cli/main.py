@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 import click
+
 from virtpub import __version__
 from virtpub.amqp.connection import BrokerError
 from virtpub.cli.demo import ConfirmedPrinter, Workload

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from virtpub import __version__
-from virtpub.config import DEFAULTS
 from virtpub.contract import schemas
-from virtpub.contract.envelope import APP_ID, CONTENT_TYPE, TYPE_PREFIX, routing_key
-from virtpub.daemon.service import ROUTING_KEY_FORMAT
+from virtpub.contract.envelope import APP_ID, CONTENT_TYPE, TYPE_PREFIX
+from virtpub.contract.routing import DEFAULT_EXCHANGE, RoutingKey
+from virtpub.contract.routing import FORMAT as ROUTING_FORMAT
 
 ASYNCAPI_VERSION = "3.0.0"
 FILE_NAME = "asyncapi.json"
@@ -79,7 +80,7 @@ class Route:
 
     @property
     def address(self) -> str:
-        key = routing_key(self.major, "<host_id>", self.entity, self.event, self.detail)
+        key = str(RoutingKey(self.major, "<host_id>", self.entity, self.event, self.detail))
         return _PLACEHOLDER.sub(r"{\1}", key)
 
     @property
@@ -215,7 +216,7 @@ def document() -> dict[str, Any]:
 
 
 def _description() -> str:
-    exchange = DEFAULTS["exchange"]
+    exchange = DEFAULT_EXCHANGE
     return (
         "A virtpub publisher runs on each hypervisor host and publishes every libvirt domain"
         " event of the host, and its own announcements, on one RabbitMQ topic exchange"
@@ -226,7 +227,7 @@ def _description() -> str:
         f" object, content type `{CONTENT_TYPE}`. Its `dataschema`"
         " (`urn:virtpub:schema:<schema>:<version>`) names the JSON Schema it follows; a minor"
         " version only adds, a major version changes the routing-key prefix.\n\n"
-        f"Routing keys: `{ROUTING_KEY_FORMAT}`, each part one topic segment. Bind queues with"
+        f"Routing keys: `{ROUTING_FORMAT}`, each part one topic segment. Bind queues with"
         " topic patterns (`*` one segment, `#` any number): `v1.*.domain.#` for every domain"
         " event of every host, `v1.*.domain.stopped.#` for every stop, `v1.node07.#` for one"
         " host, `v1.*.publisher.#` for the publishers' announcements.\n\n"
@@ -259,7 +260,7 @@ def _channel(
             "amqp": {
                 "is": "routingKey",
                 "exchange": {
-                    "name": DEFAULTS["exchange"],
+                    "name": DEFAULT_EXCHANGE,
                     "type": "topic",
                     "durable": True,
                     "autoDelete": False,

@@ -17,7 +17,9 @@ import orjson
 import pika
 import pika.data
 import pika.spec
+
 from virtpub.contract import schemas
+from virtpub.contract.routing import RoutingKey
 from virtpub.core.event import Codes, ConfigRejected, DomainState, JSONValue
 from virtpub.core.tracker import Publication
 
@@ -203,14 +205,6 @@ class MessageIds:
         ]
 
 
-def routing_key(major: int, host_id: str, entity: str, event: str, detail: str | None) -> str:
-    """`v<major>.<host_id>.<entity>.<event>[.<detail>]`; every part is one topic segment."""
-    parts = [f"v{major}", host_id, entity, event]
-    if detail:
-        parts.append(detail)
-    return ".".join(parts)
-
-
 class Envelope:
     """Builds the messages of one publisher (one host id)."""
 
@@ -350,6 +344,6 @@ class Envelope:
             if detail:
                 headers["detail"] = detail
             head, tail = _properties_around(ce_type, headers)
-            route = routing_key(schema.major, self.host_id, entity, event, detail)
+            route = str(RoutingKey(schema.major, self.host_id, entity, event, detail))
             kind = self._kinds[key] = _Kind(ce_type, route, head, tail)
         return kind

@@ -8,10 +8,10 @@ downstream ever reaches back into libvirt for data that may already be gone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 _NO_INFO: Mapping[str, JSONValue] = MappingProxyType({})
@@ -113,3 +113,12 @@ class ConfigRejected:
     """A short code: `malformed`, `forbidden_xml`, `too_large`, `binary`, `symlink`, ..."""
     message: str
     received_at: float
+
+
+GONE: Literal["gone"] = "gone"
+Probe = Callable[[str], "DomainFacts | Literal['gone'] | None"]
+"""Looks a domain up by UUID: its facts, GONE if the backend says it does not exist,
+None if the backend cannot tell right now (disconnected)."""
+
+SHUTOFF = DomainState("shutoff", "unknown", 5, 0)
+NOSTATE = DomainState("nostate", "unknown", 0, 0)

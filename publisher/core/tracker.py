@@ -24,15 +24,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
-from virtpub.core.event import DomainEvent, DomainFacts, DomainRef, DomainState
+from virtpub.core.event import (
+    GONE,
+    NOSTATE,
+    SHUTOFF,
+    DomainEvent,
+    DomainFacts,
+    DomainRef,
+    DomainState,
+    Probe,
+)
 
-GONE: Literal["gone"] = "gone"
-Probe = Callable[[str], "DomainFacts | Literal['gone'] | None"]
-"""Looks a domain up by UUID: its facts, GONE if the backend says it does not exist,
-None if the backend cannot tell right now (disconnected)."""
-
-SHUTOFF = DomainState("shutoff", "unknown", 5, 0)
-NOSTATE = DomainState("nostate", "unknown", 0, 0)
 GONE_GRACE_S = 2.0
 """How long a domain found gone may wait for its own ending events before virtpub ends it.
 

@@ -24,7 +24,7 @@ from virtpub.amqp.broker import Broker, Confirmed
 from virtpub.amqp.connection import BrokerFatalError
 from virtpub.amqp.requests import CapabilityResponder
 from virtpub.config import Settings
-from virtpub.contract import schemas
+from virtpub.contract import routing, schemas
 from virtpub.contract.envelope import Envelope, OutgoingMessage, rfc3339
 from virtpub.core.driver import Driver, DriverError, Signal
 from virtpub.core.drops import DropCounter, Tally, signal_type
@@ -58,7 +58,6 @@ DROP_REPORT_INTERVAL_S = 1.0
 FIRST_CONNECT_WAIT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
 DISK_FULL_RETRY_S = 0.5
-ROUTING_KEY_FORMAT = "v<major>.<host_id>.<entity>.<event>[.<detail>]"
 _EXISTENCE_BY_POLL = frozenset({"defined", "undefined", "started", "stopped"})
 
 EXIT_OK = 0
@@ -488,7 +487,7 @@ class Daemon:
         data: dict[str, JSONValue] = {
             "publisher": {"name": "virtpub", "version": __version__},
             "host_id": self.settings.host_id,
-            "routing_key_format": ROUTING_KEY_FORMAT,
+            "routing_key_format": routing.FORMAT,
             "schemas": {name: schemas.info(name).version for name in schemas.ALL},
             "backends": [driver.capabilities().to_json() for driver in self.drivers],
         }

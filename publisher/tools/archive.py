@@ -38,8 +38,10 @@ from typing import Any
 
 import click
 import orjson
+
 from virtpub.amqp.connection import BrokerError
 from virtpub.config import BrokerSettings
+from virtpub.contract.routing import RoutingKey
 from virtpub.tools.tail import (
     EXIT_FAILURE,
     amqp_options,
@@ -364,20 +366,20 @@ class Verification:
         message = record.get("message")
         sequence = message.get("sequence") if isinstance(message, dict) else None
         message_id = message.get("id") if isinstance(message, dict) else None
-        parts = routing_key.split(".")
+        key = RoutingKey.parse(routing_key)
         if (
-            len(parts) < 4
+            key is None
             or not isinstance(sequence, int)
             or isinstance(sequence, bool)
             or not isinstance(message_id, str)
         ):
             self.unsequenced += 1
             return
-        host = self.hosts.setdefault(parts[1], HostRecord())
+        host = self.hosts.setdefault(key.host_id, HostRecord())
         previous = host.ids.get(sequence)
         if previous is None:
             host.ids[sequence] = message_id
-            if (parts[2], parts[3]) == ("publisher", "dropped"):
+            if (key.entity, key.event) == ("publisher", "dropped"):
                 _announce(host, message)
         elif previous == message_id:
             host.duplicates += 1

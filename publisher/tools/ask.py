@@ -20,11 +20,12 @@ import click
 import orjson
 import pika
 import pika.exceptions
+
 from virtpub.amqp.connection import BrokerError
 from virtpub.amqp.requests import ALL_HOSTS, REPLY_PREFIX, Kind, request_key, requests_exchange
 from virtpub.config import BrokerSettings
 from virtpub.contract import schemas
-from virtpub.contract.envelope import routing_key
+from virtpub.contract.routing import RoutingKey
 from virtpub.tools.tail import (
     EXIT_FAILURE,
     amqp_options,
@@ -192,7 +193,7 @@ def snapshot(
         queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         major = schemas.info(schemas.PUBLISHER_SNAPSHOT).major
         for host in asked:
-            end_key = routing_key(major, host, "publisher", "snapshot", "end")
+            end_key = str(RoutingKey(major, host, "publisher", "snapshot", "end"))
             channel.queue_bind(queue, exchange, end_key)
 
         def on_message(_ch: Any, method: Any, _properties: Any, body: bytes) -> None:
@@ -200,7 +201,10 @@ def snapshot(
                 data = orjson.loads(body)["data"]
                 if data["request_id"] != request_id:
                     return
-                key = (str(method.routing_key).split(".")[1], str(data["backend"]))
+                parsed = RoutingKey.parse(str(method.routing_key))
+                if parsed is None:
+                    return
+                key = (parsed.host_id, str(data["backend"]))
                 domains = int(data["domains"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
                 return  # another request's bracket, or not a snapshot end: not ours

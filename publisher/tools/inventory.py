@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
+
 from virtpub.amqp.connection import BrokerError
 from virtpub.config import BrokerSettings
+from virtpub.contract import schemas
+from virtpub.contract.routing import RoutingKey
 from virtpub.tools.ask import SnapshotRequester
 from virtpub.tools.tail import (
     EXIT_FAILURE,
@@ -40,7 +43,7 @@ from virtpub.tools.tail import (
 
 BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#", "v1.*.config.#")
 """Every message a publisher sends, so that a gap in `sequence` always means a lost one."""
-ROUTING_KEY_PREFIX = "v1"
+_DOMAIN_EVENT_MAJOR = schemas.info(schemas.DOMAIN_EVENT).major
 
 # Resends after a lost confirm are at most the publisher's in-flight window (1,000) apart
 # from the original; remembering far more ids than that keeps memory bounded in --watch.
@@ -252,14 +255,14 @@ class Inventory:
 
 
 def _parse_envelope(routing_key: str, body: Mapping[str, Any]) -> _Envelope:
-    parts = routing_key.split(".")
-    if len(parts) < 4 or parts[0] != ROUTING_KEY_PREFIX or not all(parts[1:4]):
+    key = RoutingKey.parse(routing_key)
+    if key is None or key.major != _DOMAIN_EVENT_MAJOR:
         raise _MalformedError("routing key")
     return _Envelope(
-        host=parts[1],
-        entity=parts[2],
-        event=parts[3],
-        detail=".".join(parts[4:]) or None,
+        host=key.host_id,
+        entity=key.entity,
+        event=key.event,
+        detail=key.detail,
         id=_str(body, "id"),
         sequence=_int(body, "sequence"),
     )

@@ -28,6 +28,7 @@ import pika
 import pika.exceptions
 from rich.console import Console
 from rich.text import Text
+
 from virtpub.amqp.connection import (
     BrokerError,
     BrokerUnavailableError,
@@ -43,6 +44,7 @@ from virtpub.config import (
     read_config_file,
     resolve_broker,
 )
+from virtpub.contract.routing import RoutingKey
 from virtpub.core.redact import redact_url
 
 # Unacked deliveries held at once: a slow terminal slows the broker's pushes instead of
@@ -227,17 +229,16 @@ class Seen:
 
     @classmethod
     def parse(cls, routing_key: str, raw: bytes) -> Seen:
-        parts = routing_key.split(".")
-        parts += [""] * (4 - len(parts))
+        key = RoutingKey.parse(routing_key) or RoutingKey(0, "", "", "")
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
         return cls(
-            host=parts[1],
-            entity=parts[2],
-            event=parts[3],
-            detail=".".join(parts[4:]) or None,
+            host=key.host_id,
+            entity=key.entity,
+            event=key.event,
+            detail=key.detail,
             body=body if isinstance(body, Mapping) else None,
         )
 
