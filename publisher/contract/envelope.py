@@ -20,7 +20,8 @@ import pika.spec
 
 from virtpub.contract import schemas
 from virtpub.contract.routing import RoutingKey
-from virtpub.core.event import Codes, ConfigRejected, DomainState, JSONValue
+from virtpub.core.driver import Signal
+from virtpub.core.event import BackendChange, Codes, ConfigRejected, DomainState, JSONValue
 from virtpub.core.tracker import Publication
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -203,6 +204,15 @@ class MessageIds:
             f"{h[i + 20 : i + 32]}"
             for i in range(0, len(h), 32)
         ]
+
+
+def signal_type(signal: Signal) -> str:
+    """The CloudEvents type the signal is published as (or would have been, when dropped)."""
+    if isinstance(signal, BackendChange):
+        return f"{TYPE_PREFIX}publisher.backend"
+    if isinstance(signal, ConfigRejected):
+        return f"{TYPE_PREFIX}config.invalid"
+    return f"{TYPE_PREFIX}domain.{signal.event}"
 
 
 class Envelope:

@@ -10,20 +10,10 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from virtpub.contract.envelope import TYPE_PREFIX
 from virtpub.core.driver import Signal
-from virtpub.core.event import BackendChange, ConfigRejected
-
-
-def signal_type(signal: Signal) -> str:
-    """The CloudEvents type the signal would have been published as."""
-    if isinstance(signal, BackendChange):
-        return f"{TYPE_PREFIX}publisher.backend"
-    if isinstance(signal, ConfigRejected):
-        return f"{TYPE_PREFIX}config.invalid"
-    return f"{TYPE_PREFIX}domain.{signal.event}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +26,9 @@ class Tally:
 
 
 class DropCounter:
-    def __init__(self) -> None:
+    def __init__(self, type_of: Callable[[Signal], str]) -> None:
+        """`type_of` names a signal as the tally reports it: the type it would have had."""
+        self._type_of = type_of
         self._lock = threading.Lock()
         self._types: collections.Counter[str] = collections.Counter()
         self._backends: set[str] = set()
@@ -46,7 +38,7 @@ class DropCounter:
 
     def add(self, signal: Signal) -> int:
         """Counts one dropped signal; returns the total so far. Safe on any thread."""
-        kind = signal_type(signal)
+        kind = self._type_of(signal)
         with self._lock:
             self._types[kind] += 1
             self._backends.add(signal.backend)

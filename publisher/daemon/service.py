@@ -25,9 +25,9 @@ from virtpub.amqp.connection import BrokerFatalError
 from virtpub.amqp.requests import CapabilityResponder
 from virtpub.config import Settings
 from virtpub.contract import routing, schemas
-from virtpub.contract.envelope import Envelope, OutgoingMessage, rfc3339
+from virtpub.contract.envelope import Envelope, OutgoingMessage, rfc3339, signal_type
 from virtpub.core.driver import Driver, DriverError, Signal
-from virtpub.core.drops import DropCounter, Tally, signal_type
+from virtpub.core.drops import DropCounter, Tally
 from virtpub.core.event import BackendChange, ConfigRejected, DomainFacts, JSONValue
 from virtpub.core.redact import redact_url
 from virtpub.core.tracker import Publication, Tracker
@@ -94,7 +94,7 @@ class Daemon:
         """Messages (and the domain records they lead to) a full disk kept out of the spool."""
         self._trackers: dict[str, Tracker] = {}
         self._next_poll: dict[str, float] = {}
-        self._queue_drops = DropCounter()
+        self._queue_drops = DropCounter(signal_type)
         self._next_drop_report = 0.0
         self._spool_drops: list[DroppedRange] = []
         self._spool_dropped = 0
