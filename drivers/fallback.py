@@ -42,6 +42,11 @@ class FallbackWatch:
         return self._watcher.backend
 
     @property
+    def uri(self) -> str:
+        """The backend's identifier, as the daemon has always told for watched files."""
+        return self._watcher.backend
+
+    @property
     def polled(self) -> frozenset[str]:
         return self._watcher.polled
 

@@ -21,6 +21,12 @@ class Driver(Protocol):
         """A stable identifier of the backend (its source URI), used in every event."""
         ...
 
+    @property
+    def uri(self) -> str:
+        """Where the backend was opened, as configured (it may hold credentials: redact it
+        before publishing); told in publisher.backend."""
+        ...
+
     def start(self, emit: Emit) -> None:
         """Connect and subscribe; from then on events go to `emit`.
 
