@@ -36,7 +36,7 @@ from virtpub.config import Settings
 from virtpub.contract.envelope import Envelope, OutgoingMessage
 from virtpub.core.event import GONE
 from virtpub.core.tracker import Tracker
-from virtpub.daemon.service import Daemon
+from virtpub.daemon.assembly import assemble
 from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -227,20 +227,16 @@ def virtpub(url: str, count: int, latency_seconds: float) -> dict[str, Any]:
             log_format="text",
         )
         driver = SyntheticDriver("synthetic:///", "bench", SyntheticOptions(domains=100))
-        daemon = Daemon(settings, [driver], on_confirmed=on_confirmed)
+        daemon = assemble(settings, [driver], on_confirmed=on_confirmed)
+        if daemon is None:
+            raise SystemExit("bench: the publisher could not be assembled (see the log)")
         stop = threading.Event()
         # A daemon thread: a run that fails (a timeout below) must still end the process.
         runner = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
         runner.start()
         daemon.started.wait(30)
         # The startup messages (capabilities, snapshot; handed over in one batch) confirmed.
-        _wait_for(
-            lambda: (
-                daemon.broker is not None
-                and daemon.broker.confirmed > 0
-                and daemon.broker.unconfirmed() == 0
-            )
-        )
+        _wait_for(lambda: daemon.broker.confirmed > 0 and daemon.broker.unconfirmed() == 0)
         with lock:
             base, startup = max(s for s, _ in confirmed), len(confirmed)
 

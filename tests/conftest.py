@@ -35,7 +35,7 @@ import pytest
 from tests.rabbitnode import RabbitNode, selected_broker
 from virtpub.config import Settings
 from virtpub.contract import schemas
-from virtpub.daemon.service import Daemon
+from virtpub.daemon.assembly import assemble
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.domain import CapabilityLookup, LibvirtDomainDriver
 
@@ -300,7 +300,10 @@ class RunningPublisher:
             )
             for uri in settings.libvirt_uris
         ]
-        self.daemon = Daemon(settings, self.drivers)
+        daemon = assemble(settings, self.drivers)
+        if daemon is None:
+            pytest.fail("publisher could not be assembled (see the log)")
+        self.daemon = daemon
         self.stop_event = threading.Event()
         self.exit_code: int | None = None
         self._thread = threading.Thread(target=self._run, name="test-publisher", daemon=True)

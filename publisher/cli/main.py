@@ -28,6 +28,7 @@ from virtpub.config import (
 from virtpub.contract.asyncapi import asyncapi_command
 from virtpub.contract.envelope import OutgoingMessage
 from virtpub.core.driver import Driver, DriverError
+from virtpub.daemon.assembly import assemble
 from virtpub.daemon.logs import setup_logging
 from virtpub.daemon.service import Daemon
 from virtpub.daemon.systemd import Notifier
@@ -378,9 +379,11 @@ def _serve(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     drivers = make_drivers(settings)
-    daemon = Daemon(
+    daemon = assemble(
         settings, drivers, on_confirmed=on_confirmed, notifier=Notifier.from_environment()
     )
+    if daemon is None:
+        return EXIT_FAILURE
     if workload is not None:
         workload(daemon, stop).start()
     return daemon.run(stop)

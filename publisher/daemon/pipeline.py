@@ -1,0 +1,168 @@
+"""From publications to the broker: numbers messages, spools them, hands them over in order.
+
+The daemon thread alone owns the sequence counter, the domain trackers and the spool
+writes, so message order is the order signals were accepted.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable
+
+from virtpub.contract.envelope import Envelope, OutgoingMessage
+from virtpub.core.event import ConfigRejected, JSONValue
+from virtpub.core.tracker import Publication, Tracker
+from virtpub.daemon.overflow import Overflow
+from virtpub.daemon.ports import Publisher, SpoolStore
+from virtpub.daemon.spool import DomainChanges, SpoolDiskFullError
+
+log = logging.getLogger(__name__)
+
+BROKER_BACKLOG = 2_000
+"""Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
+READY_LIMIT = 2_000
+"""Messages just spooled and kept in memory for the broker, beyond BROKER_BACKLOG."""
+
+
+class Pipeline:
+    def __init__(
+        self, envelope: Envelope, spool: SpoolStore, publisher: Publisher, overflow: Overflow
+    ) -> None:
+        self._envelope = envelope
+        self._spool = spool
+        self._publisher = publisher
+        self._overflow = overflow
+        self.trackers: dict[str, Tracker] = {}
+        self._sequence = 0
+        self._handed = 0
+        """The sequence of the last message handed to the broker."""
+        self._pending: list[OutgoingMessage] = []
+        self._unspooled: tuple[list[OutgoingMessage], DomainChanges] | None = None
+        """Messages (and the domain records they lead to) a full disk kept out of the spool."""
+        self._ready: collections.deque[OutgoingMessage] = collections.deque()
+        """Spooled messages not yet handed to the broker, kept so they need not be read back."""
+
+    def resume(self, backends: Iterable[str]) -> None:
+        """Carries on from what the spool holds: its sequence, its records, its unsent messages."""
+        spool = self._spool
+        self._sequence = spool.last_sequence()
+        known = spool.domains()
+        self.trackers = {b: Tracker(b, known.get(b)) for b in backends}
+        leftovers = spool.count()
+        if leftovers:
+            log.info("resending %d message(s) left in the spool", leftovers)
+        self._handed = spool.first_sequence() - 1 if leftovers else self._sequence
+
+    @property
+    def behind(self) -> bool:
+        """Whether some spooled message has not been handed to the broker yet."""
+        return self._handed < self._sequence
+
+    @property
+    def holding(self) -> bool:
+        """Whether a full disk holds messages out of the spool."""
+        return self._unspooled is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add_domain(self, publications: list[Publication]) -> None:
+        for publication in publications:
+            self._sequence += 1
+            self._pending.append(self._envelope.domain_event(publication, self._sequence))
+
+    def add_publisher(
+        self, event: str, data: dict[str, JSONValue], received_at: float, detail: str | None = None
+    ) -> OutgoingMessage:
+        self._sequence += 1
+        message = self._envelope.publisher_event(event, data, self._sequence, received_at, detail)
+        self._pending.append(message)
+        return message
+
+    def add_config_invalid(self, signal: ConfigRejected) -> None:
+        self._sequence += 1
+        self._pending.append(self._envelope.config_invalid(signal, self._sequence))
+
+    def settle(self, now: float) -> None:
+        """What the trackers held back (debounced transitions) and is now due."""
+        for tracker in self.trackers.values():
+            self.add_domain(tracker.settle(now))
+
+    def commit(self) -> None:
+        """Spools the pending messages with the domain records they lead to, in one transaction."""
+        if self._unspooled is not None:
+            messages, changes = self._unspooled
+        elif self._pending:
+            messages, self._pending = self._pending, []
+            changes = {backend: t.take_changes() for backend, t in self.trackers.items()}
+        else:
+            return
+        try:
+            self._make_room(messages)
+            self._spool.append(messages, changes)
+        except SpoolDiskFullError as err:
+            if self._unspooled is None:
+                log.error(
+                    "%s; holding %d message(s) and taking no new events until there is room",
+                    err,
+                    len(messages),
+                )
+            self._unspooled = messages, changes
+            return
+        if self._unspooled is not None:
+            self._unspooled = None
+            log.info("spool: room again; %d held message(s) spooled", len(messages))
+        self.feed(messages)
+
+    def commit_held(self) -> bool:
+        """At shutdown: spools what a full disk held back; False if the disk is still full."""
+        self.commit()
+        if self._unspooled is not None:
+            log.error(
+                "could not spool %d held message(s) at shutdown: the disk is still full",
+                len(self._unspooled[0]),
+            )
+            return False
+        return True
+
+    def _make_room(self, incoming: list[OutgoingMessage]) -> None:
+        """Under `drop-oldest`: drops the oldest messages not yet sent to the broker.
+
+        Messages in flight stay: the broker may have them already.
+        """
+        excess = self._overflow.excess(self._spool.used_bytes, incoming)
+        if excess <= 0:
+            return
+        unsent = self._publisher.withdraw()
+        if unsent is not None:
+            self._handed = unsent - 1
+        self._ready.clear()  # some of it may be dropped now
+        self._overflow.note_dropped(self._spool.drop_oldest(self._handed, excess))
+
+    def feed(self, fresh: list[OutgoingMessage] | None = None) -> None:
+        """Hands the broker what the spool holds and it has not seen, while it has room.
+
+        The spool is the buffer: in a burst or an outage memory holds at most
+        BROKER_BACKLOG messages for the broker and READY_LIMIT just spooled (so the
+        common case reads nothing back); the rest waits on disk and is read back in order.
+        """
+        ready = self._ready
+        if fresh:
+            last = ready[-1].sequence if ready else self._handed
+            if fresh[0].sequence == last + 1 and len(ready) + len(fresh) <= READY_LIMIT:
+                ready.extend(fresh)
+            else:
+                ready.clear()  # read back from the spool instead
+        room = BROKER_BACKLOG - self._publisher.unconfirmed()
+        if room <= 0 or self._handed >= self._sequence:
+            return
+        if ready and ready[0].sequence == self._handed + 1:
+            batch = [ready.popleft() for _ in range(min(room, len(ready)))]
+        else:
+            ready.clear()
+            batch = self._spool.after(self._handed, room)
+        if batch:
+            self._publisher.submit(batch)
+            self._handed = batch[-1].sequence
