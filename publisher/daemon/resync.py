@@ -6,13 +6,13 @@ The daemon thread alone talks to a backend outside callbacks; these are its list
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 
 from virtpub.core.driver import Driver, DriverError
 from virtpub.core.event import DomainFacts, JSONValue
 from virtpub.daemon.announcements import SnapshotReason, snapshot_bracket
+from virtpub.daemon.clock import Clock
 from virtpub.daemon.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,13 @@ class Resync:
         drivers: Sequence[Driver],
         pipeline: Pipeline,
         take_queued: Callable[[], None],
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock,
     ) -> None:
         self._drivers = drivers
         self._pipeline = pipeline
         self._take_queued = take_queued
         """Handles every queued signal first, so records are current before a listing."""
-        self._monotonic = monotonic
+        self._clock = clock
         self._next_poll: dict[str, float] = {}
 
     @staticmethod
@@ -65,7 +65,7 @@ class Resync:
         An event the listing already reflects is then published once more, with
         existence still right.
         """
-        now = time.time()
+        now = self._clock.wall()
         pipeline = self._pipeline
         tracker = pipeline.trackers[driver.backend]
         pipeline.add_domain(tracker.reconcile(listing, "resync", now))
@@ -75,7 +75,7 @@ class Resync:
         pipeline.add_domain(entries)
         end: dict[str, JSONValue] = {**bracket, "phase": "end", "domains": len(entries)}
         pipeline.add_publisher("snapshot", end, now, "end")
-        self._next_poll[driver.backend] = self._monotonic() + driver.poll_interval
+        self._next_poll[driver.backend] = self._clock.monotonic() + driver.poll_interval
 
     def serve_request(self, request_id: str) -> None:
         """A bracket of every backend, from fresh listings, for one consumer's request.
@@ -108,4 +108,5 @@ class Resync:
             if allowed & _EXISTENCE_BY_POLL:
                 allowed |= {"added", "removed"}
             tracker = self._pipeline.trackers[driver.backend]
-            self._pipeline.add_domain(tracker.reconcile(listing, "poll", time.time(), allowed))
+            found = tracker.reconcile(listing, "poll", self._clock.wall(), allowed)
+            self._pipeline.add_domain(found)

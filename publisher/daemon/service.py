@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from virtpub.amqp.connection import BrokerFatalError
 from virtpub.amqp.requests import CapabilityResponder
@@ -23,6 +22,7 @@ from virtpub.contract.envelope import Envelope, signal_type
 from virtpub.core.driver import Driver, DriverError, Signal
 from virtpub.core.event import BackendChange, ConfigRejected
 from virtpub.daemon.announcements import backend_data, capabilities_data, dropped_data
+from virtpub.daemon.clock import Clock
 from virtpub.daemon.inbox import Inbox
 from virtpub.daemon.metrics import MetricsServer
 from virtpub.daemon.overflow import Overflow
@@ -58,7 +58,7 @@ class Daemon:
         status: Status,
         metrics: MetricsServer | None = None,
         notifier: Notifier | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.drivers = drivers
@@ -76,10 +76,10 @@ class Daemon:
             settings.spool_full_policy, settings.spool_max_bytes, status, backends
         )
         self._pipeline = Pipeline(Envelope(settings.host_id), spool, publisher, self._overflow)
+        self._clock = clock if clock is not None else Clock()
         self._resync = Resync(
-            drivers, self._pipeline, lambda: self._take_queued(INBOX_LIMIT), monotonic
+            drivers, self._pipeline, lambda: self._take_queued(INBOX_LIMIT), self._clock
         )
-        self._monotonic = monotonic
         self._running: list[Driver] = []
         self.started = threading.Event()
 
@@ -159,12 +159,12 @@ class Daemon:
             request_id = self.handoff.snapshot_requests.take_nowait()
             if request_id is not None:
                 self._resync.serve_request(request_id)
-            self._resync.poll_due(self._monotonic())
+            self._resync.poll_due(self._clock.monotonic())
             signal = self._inbox.take(timeout=0.01 if pipeline.behind else 0.2)
             if signal is not None:
                 self._handle(signal)
             self._take_queued(BATCH_LIMIT)
-        pipeline.settle(time.time())
+        pipeline.settle(self._clock.wall())
         pipeline.commit()
         pipeline.feed()
         self._notifier.watchdog()  # only from a loop that still turns
@@ -197,7 +197,7 @@ class Daemon:
     def _report_drops(self) -> None:
         """A publisher.dropped per loss, then one snapshot of each backend concerned, for
         consumers to rebuild from instead of trusting what they missed."""
-        now = time.time()
+        now = self._clock.wall()
         concerned: set[str] = set()
         for report in self._overflow.due_reports(now, self._spool.used_bytes):
             lost, reason = report.lost, report.reason
@@ -247,7 +247,7 @@ class Daemon:
     def _add_capabilities(self) -> None:
         data = capabilities_data(self.settings.host_id, self.drivers)
         self._responder.answer = self._pipeline.add_publisher(
-            "capabilities", data, time.time()
+            "capabilities", data, self._clock.wall()
         ).body
 
     def _flush(self) -> None:
