@@ -18,7 +18,7 @@ more, and run on the caller's thread, so a test drives the daemon turn by turn:
 from __future__ import annotations
 
 import dataclasses
-import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from virtpub.amqp.requests import CapabilityResponder
 from virtpub.config import Settings
 from virtpub.contract.envelope import OutgoingMessage
 from virtpub.core.capabilities import BackendCapabilities, EventSupport
-from virtpub.core.driver import DriverError, Emit, Signal
+from virtpub.core.driver import Driver, DriverError, Emit, Signal
 from virtpub.core.event import BackendChange, DomainFacts
 from virtpub.core.tracker import Record
 from virtpub.daemon.clock import Clock
@@ -120,7 +120,8 @@ class MemorySpool:
         for first, last, _ in spans:
             for sequence in range(first, last + 1):
                 self._bytes -= stored_size(self.messages.pop(sequence))
-        return [DroppedRange(first, last, types, 0.0) for first, last, types in spans]
+        at = time.time()
+        return [DroppedRange(first, last, types, at) for first, last, types in spans]
 
     def remove(self, messages: Iterable[OutgoingMessage]) -> None:
         """Confirmed messages leave at once (the real spool's janitor does it soon after)."""
@@ -206,11 +207,6 @@ class RecordingPublisher:
     def types(self) -> list[str]:
         """The CloudEvents type of each message handed over, in order."""
         return [message.type for message in self.submitted]
-
-    def data(self, message: OutgoingMessage) -> dict[str, object]:
-        """A handed-over message's `data`, decoded."""
-        data: dict[str, object] = json.loads(message.body)["data"]
-        return data
 
 
 class ScriptedDriver:
@@ -337,7 +333,7 @@ def double_settings(**overrides: Any) -> Settings:
 
 
 def make_daemon(
-    drivers: Sequence[ScriptedDriver],
+    drivers: Sequence[Driver],
     *,
     spool: MemorySpool | None = None,
     publisher: RecordingPublisher | None = None,

@@ -91,8 +91,7 @@ def test_startup_is_capabilities_then_a_snapshot_bracket_per_backend() -> None:
     daemon, _, publisher = started(
         ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a")}), ScriptedDriver(TWO)
     )
-    kinds = [short(m) for m in publisher.submitted]
-    assert kinds[0] == "publisher.capabilities"
+    assert publisher.types()[0] == "org.virtpub.publisher.capabilities"
     brackets = [body(m)["data"] for m in publisher.submitted if short(m) == "publisher.snapshot"]
     assert [(b["backend"], b["phase"], b["reason"]) for b in brackets] == [
         (ONE, "begin", "startup"), (ONE, "end", "startup"),

@@ -65,6 +65,7 @@ class Daemon:
         self._drivers = {driver.backend: driver for driver in drivers}
         self._spool = spool
         self.broker = publisher
+        """The publisher: the Broker when assembled; the bench and tests read its counts."""
         self._responder = responder
         self.handoff = handoff
         self.status = status
