@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from jsonschema import Draft7Validator, FormatChecker
 
 from virtpub import __version__
-from virtpub.contract import asyncapi, schemas
+from virtpub.contract import asyncapi, messages, schemas
 from virtpub.contract.envelope import Envelope, OutgoingMessage
 from virtpub.core.event import ConfigRejected, DomainEvent, DomainRef, DomainState
 from virtpub.core.tracker import Publication
@@ -266,6 +266,18 @@ def test_a_schema_whose_description_names_no_routing_key_is_an_error(tmp_path: P
     info = schemas.SchemaInfo(schemas.CONFIG_INVALID, "1.0", path)
     with pytest.raises(ValueError, match="names no routing key of its own"):
         asyncapi.routes(info)
+
+
+def test_a_message_class_whose_version_its_schema_does_not_have_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(messages.ConfigInvalid, "VERSION", "1.1")
+    with pytest.raises(ValueError, match=r"ConfigInvalid is version 1\.1"):
+        asyncapi.document()
+
+
+def test_every_message_of_the_document_is_a_message_class(document: dict[str, Any]) -> None:
+    assert list(document["components"]["messages"]) == [cls.SCHEMA for cls in messages.MESSAGES]
 
 
 # --- the command ------------------------------------------------------------------------------

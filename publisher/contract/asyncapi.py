@@ -25,6 +25,7 @@ import click
 from virtpub import __version__
 from virtpub.contract import schemas
 from virtpub.contract.envelope import APP_ID, CONTENT_TYPE, TYPE_PREFIX
+from virtpub.contract.messages import MESSAGES, Message
 from virtpub.contract.routing import DEFAULT_EXCHANGE, RoutingKey
 from virtpub.contract.routing import FORMAT as ROUTING_FORMAT
 
@@ -174,11 +175,11 @@ def document() -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
-    for name in schemas.ALL:
-        info = schemas.info(name)
+    for message_class in MESSAGES:
+        info = _schema_of(message_class)
         own = routes(info)
         payload = draft07(info.load())
-        messages[name] = _message(info, own, payload)
+        messages[message_class.SCHEMA] = _message(message_class, info, own, payload)
         for route in own:
             if route.channel_id in channels:
                 raise ValueError(f"two schemas claim routing key {route.address}")
@@ -303,6 +304,17 @@ def _parameter(name: str, header: str, data: Mapping[str, Any]) -> dict[str, Any
     return parameter
 
 
+def _schema_of(message_class: type[Message]) -> schemas.SchemaInfo:
+    """The schema file of a message class, refused when the two disagree on the version."""
+    info = schemas.info(message_class.SCHEMA)
+    if info.version != message_class.VERSION:
+        raise ValueError(
+            f"{message_class.__name__} is version {message_class.VERSION},"
+            f" its schema {info.path} is {info.version}"
+        )
+    return info
+
+
 def _operation(info: schemas.SchemaInfo, route: Route) -> dict[str, Any]:
     return {
         "action": "send",
@@ -320,11 +332,17 @@ def _operation(info: schemas.SchemaInfo, route: Route) -> dict[str, Any]:
     }
 
 
-def _message(info: schemas.SchemaInfo, own: list[Route], payload: dict[str, Any]) -> dict[str, Any]:
+def _message(
+    message_class: type[Message],
+    info: schemas.SchemaInfo,
+    own: list[Route],
+    payload: dict[str, Any],
+) -> dict[str, Any]:
+    name, version = message_class.SCHEMA, message_class.VERSION
     message: dict[str, Any] = {
-        "name": info.name,
+        "name": name,
         "title": payload["title"],
-        "summary": f"Schema {info.name} {info.version}: dataschema {info.uri}.",
+        "summary": f"Schema {name} {version}: dataschema {info.uri}.",
         "description": payload["description"],
         "headers": _headers(info, own, _data_fields(payload)),
         "payload": {"schemaFormat": SCHEMA_FORMAT, "schema": payload},

@@ -18,10 +18,10 @@ import pika
 import pika.data
 import pika.spec
 
-from virtpub.contract import schemas
+from virtpub.contract import messages, schemas
 from virtpub.contract.routing import RoutingKey
 from virtpub.core.driver import Signal
-from virtpub.core.event import BackendChange, Codes, ConfigRejected, DomainState, JSONValue
+from virtpub.core.event import BackendChange, ConfigRejected, JSONValue
 from virtpub.core.tracker import Publication
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -104,27 +104,6 @@ class _Kind(NamedTuple):
     routing_key: str
     properties_head: bytes
     properties_tail: bytes
-
-
-@functools.lru_cache(maxsize=1024)
-def _state_json(state: DomainState) -> dict[str, JSONValue]:
-    """Shared between messages (orjson only reads it): states repeat, dicts cost."""
-    return {
-        "state": state.state,
-        "reason": state.reason,
-        "state_code": state.state_code,
-        "reason_code": state.reason_code,
-    }
-
-
-@functools.lru_cache(maxsize=1024)
-def _codes_json(codes: Codes) -> dict[str, JSONValue]:
-    result: dict[str, JSONValue] = {"event_id": codes.event_id}
-    if codes.event is not None:
-        result["event"] = codes.event
-    if codes.detail is not None:
-        result["detail"] = codes.detail
-    return result
 
 
 _PUBLISH = struct.pack(">HHH", 60, 40, 0)  # basic.publish, reserved ticket
@@ -226,34 +205,38 @@ class Envelope:
 
     def domain_event(self, publication: Publication, sequence: int) -> OutgoingMessage:
         event = publication.event
-        domain: dict[str, JSONValue] = {"uuid": event.domain.uuid, "name": event.domain.name}
-        if event.domain.id is not None and publication.state.active:
-            domain["id"] = event.domain.id
-        state = publication.state
-        data: dict[str, JSONValue] = {
-            "domain": domain,
-            "event": event.event,
-            "detail": event.detail,
-            "origin": event.origin,
-            "persistent": publication.persistent,
-            "state": _state_json(state),
-            "seq": publication.seq,
-            "info": dict(event.info),
-        }
-        if event.codes is not None:
-            data["codes"] = _codes_json(event.codes)
-        if publication.rename is not None:
-            data["rename"] = {"old_name": publication.rename[0], "new_name": publication.rename[1]}
-        return self._message(
-            schema=schemas.info(schemas.DOMAIN_EVENT),
-            entity="domain",
+        running_id = event.domain.id if publication.state.active else None
+        rename = publication.rename
+        message = messages.DomainEventMessage(
+            domain=messages.DomainPart(event.domain.uuid, event.domain.name, running_id),
             event=event.event,
-            detail=event.detail,
+            event_detail=event.detail,
+            origin=event.origin,
+            persistent=publication.persistent,
+            state=publication.state,
+            seq=publication.seq,
+            info=event.info,
+            codes=event.codes,
+            rename=None if rename is None else messages.Rename(*rename),
+        )
+        return self._message(
+            message,
             source=event.backend,
             subject=event.domain.uuid,
-            data=data,
             sequence=sequence,
             received_at=event.received_at,
+        )
+
+    def publisher_message(
+        self, message: messages.Message, sequence: int, received_at: float
+    ) -> OutgoingMessage:
+        """A message about the publisher itself: its source and subject are this host's."""
+        return self._message(
+            message,
+            source=self.publisher_source,
+            subject=self.host_id,
+            sequence=sequence,
+            received_at=received_at,
         )
 
     def publisher_event(
@@ -264,52 +247,66 @@ class Envelope:
         received_at: float,
         detail: str | None = None,
     ) -> OutgoingMessage:
-        return self._message(
-            schema=schemas.info(f"publisher-{event}"),
-            entity="publisher",
-            event=event,
-            detail=detail,
+        """The daemon's builders' form (data already a dict), until they build message classes:
+        the class of the event still picks the schema."""
+        return self._compose(
+            schemas.info(messages.for_publisher_event(event).SCHEMA),
+            ("publisher", event, detail),
+            data,
             source=self.publisher_source,
             subject=self.host_id,
-            data=data,
             sequence=sequence,
             received_at=received_at,
         )
 
     def config_invalid(self, rejected: ConfigRejected, sequence: int) -> OutgoingMessage:
-        data: dict[str, JSONValue] = {
-            "backend": rejected.backend,
-            "path": rejected.path,
-            "reason": rejected.reason,
-            "message": rejected.message,
-        }
+        message = messages.ConfigInvalid(
+            backend=rejected.backend,
+            path=rejected.path,
+            reason=rejected.reason,
+            message=rejected.message,
+        )
         return self._message(
-            schema=schemas.info(schemas.CONFIG_INVALID),
-            entity="config",
-            event="invalid",
-            detail=None,
+            message,
             source=rejected.backend,
             subject=rejected.path,
-            data=data,
             sequence=sequence,
             received_at=rejected.received_at,
         )
 
     def _message(
         self,
+        message: messages.Message,
         *,
-        schema: schemas.SchemaInfo,
-        entity: str,
-        event: str,
-        detail: str | None,
         source: str,
         subject: str,
-        data: dict[str, JSONValue],
         sequence: int,
         received_at: float,
     ) -> OutgoingMessage:
+        return self._compose(
+            schemas.info(message.SCHEMA),
+            (message.ENTITY, message.event_name, message.detail),
+            message.data(),
+            source=source,
+            subject=subject,
+            sequence=sequence,
+            received_at=received_at,
+        )
+
+    def _compose(
+        self,
+        schema: schemas.SchemaInfo,
+        route: tuple[str, str, str | None],
+        data: dict[str, JSONValue],
+        *,
+        source: str,
+        subject: str,
+        sequence: int,
+        received_at: float,
+    ) -> OutgoingMessage:
+        """The CloudEvent of `data`; `route` is its entity, event and detail."""
         message_id = self._ids.next()
-        kind = self._kind(schema, entity, event, detail)
+        kind = self._kind(schema, *route)
         ce_type = kind.ce_type
         body = {
             "specversion": "1.0",
