@@ -9,6 +9,7 @@ skipped: without node and npm these tests fail).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -189,9 +190,24 @@ def publisher_messages() -> list[OutgoingMessage]:
         details: list[str | None] = [*detail] or [None]
         if detail and detail[0].startswith("{"):
             details = channel["parameters"][detail[0].strip("{}")]["enum"]
+        message = messages.for_schema(name).from_data(sample["data"])
+        assert message.event_name == event
         for value in details:
-            built.append(Envelope(HOST).publisher_event(event, sample["data"], 3, 1.0, value))
+            variant = with_detail(message, value)
+            assert variant.detail == value
+            built.append(Envelope(HOST).publisher_message(variant, 3, 1.0))
     return built
+
+
+def with_detail(message: messages.Message, detail: str | None) -> messages.Message:
+    """The sample turned into the variant whose routing detail is `detail`."""
+    if detail is None:
+        return message
+    field = {"snapshot": "phase", "dropped": "reason", "backend": "connected"}[message.event_name]
+    changes: dict[str, object] = {field: detail == "connected" if field == "connected" else detail}
+    if detail == "end":
+        changes["domains"] = 0  # an end bracket counts the domains it carried
+    return dataclasses.replace(message, **changes)
 
 
 def real_messages() -> list[OutgoingMessage]:

@@ -24,7 +24,7 @@ from cloudevents.core.formats.json import JSONFormat
 from jsonschema import Draft202012Validator, FormatChecker
 
 from virtpub import __version__
-from virtpub.contract import envelope, schemas
+from virtpub.contract import envelope, messages, schemas
 from virtpub.contract.envelope import (
     CONTENT_TYPE,
     Envelope,
@@ -122,7 +122,8 @@ def snapshot_begin() -> OutgoingMessage:
 
 @pytest.fixture
 def capabilities() -> OutgoingMessage:
-    return Envelope(HOST).publisher_event("capabilities", capabilities_data(), 1, RECEIVED_AT)
+    message = messages.Capabilities.from_data(capabilities_data())
+    return Envelope(HOST).publisher_message(message, 1, RECEIVED_AT)
 
 
 def test_format_checker_really_checks_the_formats_the_schemas_use() -> None:
@@ -620,7 +621,8 @@ REQUEST_ID = "6a1f3c9e-2d4b-4e8a-b7c5-0f9e8d7c6b5a"
 def snapshot_message(phase: str, **extra: Any) -> OutgoingMessage:
     """Shaped like Daemon._resync's bracket."""
     data = {"backend": BACKEND, "snapshot_id": SNAPSHOT_ID, "reason": "startup", "phase": phase}
-    return Envelope(HOST).publisher_event("snapshot", {**data, **extra}, 5, RECEIVED_AT, phase)
+    message = messages.Snapshot.from_data({**data, **extra})
+    return Envelope(HOST).publisher_message(message, 5, RECEIVED_AT)
 
 
 def backend_message(connected: bool) -> OutgoingMessage:
@@ -631,8 +633,8 @@ def backend_message(connected: bool) -> OutgoingMessage:
         "connected": connected,
         "reason": None if connected else "End of file while reading data: Input/output error",
     }
-    detail = "connected" if connected else "disconnected"
-    return Envelope(HOST).publisher_event("backend", data, 6, RECEIVED_AT, detail)
+    message = messages.Backend.from_data(data)
+    return Envelope(HOST).publisher_message(message, 6, RECEIVED_AT)
 
 
 @pytest.mark.parametrize(
@@ -782,7 +784,8 @@ def test_publish_frames_are_what_pika_decodes_as_a_mandatory_publish(
     body_size: int, frame_max: int
 ) -> None:
     """virtpub writes basic.publish frames itself; pika's own decoder must read them back."""
-    message = Envelope("hv01").publisher_event("backend", {"pad": "x" * body_size}, 7, 1.5)
+    backend = messages.Backend(backend="b", uri="x" * body_size, connected=True, reason=None)
+    message = Envelope("hv01").publisher_message(backend, 7, 1.5)
     message = message._replace(body=message.body[:body_size])
     data = envelope.publish_frames(3, "virt.events", message, frame_max - 8)
     frames = []

@@ -16,7 +16,6 @@ from virtpub.contract.messages import (
     Message,
     Rename,
     Snapshot,
-    for_publisher_event,
     for_schema,
 )
 from virtpub.contract.routing import RoutingKey
@@ -41,7 +40,6 @@ __all__ = [
     "SchemaInfo",
     "Snapshot",
     "fingerprint",
-    "for_publisher_event",
     "for_schema",
     "schema_info",
 ]

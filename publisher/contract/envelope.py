@@ -239,26 +239,6 @@ class Envelope:
             received_at=received_at,
         )
 
-    def publisher_event(
-        self,
-        event: str,
-        data: dict[str, JSONValue],
-        sequence: int,
-        received_at: float,
-        detail: str | None = None,
-    ) -> OutgoingMessage:
-        """The daemon's builders' form (data already a dict), until they build message classes:
-        the class of the event still picks the schema."""
-        return self._compose(
-            schemas.info(messages.for_publisher_event(event).SCHEMA),
-            ("publisher", event, detail),
-            data,
-            source=self.publisher_source,
-            subject=self.host_id,
-            sequence=sequence,
-            received_at=received_at,
-        )
-
     def config_invalid(self, rejected: ConfigRejected, sequence: int) -> OutgoingMessage:
         message = messages.ConfigInvalid(
             backend=rejected.backend,

@@ -367,8 +367,3 @@ MESSAGES: tuple[type[Message], ...] = (
 def for_schema(name: str) -> type[Message]:
     """The class of a schema name (as a sample's or a consumer's `dataschema` names it)."""
     return next(cls for cls in MESSAGES if name == cls.SCHEMA)
-
-
-def for_publisher_event(event: str) -> type[Message]:
-    """The class of a publisher.<event> message."""
-    return next(cls for cls in MESSAGES if cls.ENTITY == "publisher" and event == cls.EVENT)

@@ -11,7 +11,8 @@ import logging
 from collections.abc import Iterable
 
 from virtpub.contract.envelope import Envelope, OutgoingMessage
-from virtpub.core.event import ConfigRejected, JSONValue
+from virtpub.contract.messages import Message
+from virtpub.core.event import ConfigRejected
 from virtpub.core.tracker import Publication, Tracker
 from virtpub.daemon.overflow import Overflow
 from virtpub.daemon.ports import Publisher, SpoolStore
@@ -73,13 +74,11 @@ class Pipeline:
             self._sequence += 1
             self._pending.append(self._envelope.domain_event(publication, self._sequence))
 
-    def add_publisher(
-        self, event: str, data: dict[str, JSONValue], received_at: float, detail: str | None = None
-    ) -> OutgoingMessage:
+    def add_publisher(self, message: Message, received_at: float) -> OutgoingMessage:
         self._sequence += 1
-        message = self._envelope.publisher_event(event, data, self._sequence, received_at, detail)
-        self._pending.append(message)
-        return message
+        outgoing = self._envelope.publisher_message(message, self._sequence, received_at)
+        self._pending.append(outgoing)
+        return outgoing
 
     def add_config_invalid(self, signal: ConfigRejected) -> None:
         self._sequence += 1

@@ -5,13 +5,14 @@ The daemon thread alone talks to a backend outside callbacks; these are its list
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 
 from virtpub.core.driver import Driver, DriverError
-from virtpub.core.event import DomainFacts, JSONValue
-from virtpub.daemon.announcements import SnapshotReason, snapshot_bracket
+from virtpub.core.event import DomainFacts
+from virtpub.daemon.announcements import SnapshotReason, snapshot_begin
 from virtpub.daemon.clock import Clock
 from virtpub.daemon.pipeline import Pipeline
 
@@ -69,12 +70,11 @@ class Resync:
         pipeline = self._pipeline
         tracker = pipeline.trackers[driver.backend]
         pipeline.add_domain(tracker.reconcile(listing, "resync", now))
-        bracket = snapshot_bracket(driver.backend, str(uuid.uuid4()), reason, request_id)
-        pipeline.add_publisher("snapshot", {**bracket, "phase": "begin"}, now, "begin")
+        begin = snapshot_begin(driver.backend, str(uuid.uuid4()), reason, request_id)
+        pipeline.add_publisher(begin, now)
         entries = tracker.snapshot(listing, now)
         pipeline.add_domain(entries)
-        end: dict[str, JSONValue] = {**bracket, "phase": "end", "domains": len(entries)}
-        pipeline.add_publisher("snapshot", end, now, "end")
+        pipeline.add_publisher(dataclasses.replace(begin, phase="end", domains=len(entries)), now)
         self._next_poll[driver.backend] = self._clock.monotonic() + driver.poll_interval
 
     def serve_request(self, request_id: str) -> None:

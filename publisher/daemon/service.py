@@ -21,7 +21,7 @@ from virtpub.config import Settings
 from virtpub.contract.envelope import Envelope, signal_type
 from virtpub.core.driver import Driver, DriverError, Signal
 from virtpub.core.event import BackendChange, ConfigRejected
-from virtpub.daemon.announcements import backend_data, capabilities_data, dropped_data
+from virtpub.daemon import announcements
 from virtpub.daemon.clock import Clock
 from virtpub.daemon.inbox import Inbox
 from virtpub.daemon.metrics import MetricsServer
@@ -203,10 +203,10 @@ class Daemon:
         for report in self._overflow.due_reports(now, self._spool.used_bytes):
             lost, reason = report.lost, report.reason
             log.error("%d event(s) dropped (%s); publishing publisher.dropped", lost.count, reason)
-            data = dropped_data(
+            message = announcements.dropped(
                 reason, lost, report.sequences, self._overflow.policy, frozenset(self._drivers)
             )
-            self._pipeline.add_publisher("dropped", data, now, reason)
+            self._pipeline.add_publisher(message, now)
             concerned |= lost.backends
         for driver in self.drivers:
             if driver.backend in concerned:
@@ -238,18 +238,14 @@ class Daemon:
     def _backend_changed(self, change: BackendChange) -> None:
         driver = self._drivers[change.backend]
         self.status.note_backend(change)
-        detail = "connected" if change.connected else "disconnected"
-        data = backend_data(change, driver)
-        self._pipeline.add_publisher("backend", data, change.received_at, detail)
+        self._pipeline.add_publisher(announcements.backend(change, driver), change.received_at)
         if change.connected:
             self._add_capabilities()
             self._resync.after_gap(driver, "reconnect")
 
     def _add_capabilities(self) -> None:
-        data = capabilities_data(self.settings.host_id, self.drivers)
-        self._responder.answer = self._pipeline.add_publisher(
-            "capabilities", data, self._clock.wall()
-        ).body
+        message = announcements.capabilities(self.settings.host_id, self.drivers)
+        self._responder.answer = self._pipeline.add_publisher(message, self._clock.wall()).body
 
     def _flush(self) -> None:
         """Spools what drivers queued before they stopped, so nothing accepted is lost."""
