@@ -137,3 +137,18 @@ def test_the_wheel_installs_only_virtpub(tmp_path: Path) -> None:
     schemas = [name for name in names if name.startswith("virtpub/_schemas/")]
     in_checkout = list((REPO / "schemas").rglob("*.json"))
     assert len(schemas) == len(in_checkout)
+
+
+PIKA_PRIVATE = ("_adapter_emit_data", "_terminate_stream")
+
+
+def test_only_the_fast_path_touches_pikas_internals() -> None:
+    """A pika upgrade has one module to check: publisher/amqp/frames.py."""
+    users = {
+        str(path.relative_to(REPO))
+        for folder in ("publisher", "drivers")
+        for path in (REPO / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in PIKA_PRIVATE
+    }
+    assert users == {"publisher/amqp/frames.py"}

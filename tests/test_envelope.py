@@ -779,37 +779,6 @@ def test_pre_encoded_properties_are_byte_for_byte_what_pika_would_send() -> None
     assert ours == b"".join(reference.encode())
 
 
-@pytest.mark.parametrize(("body_size", "frame_max"), [(300, 131_072), (0, 4096), (10_000, 4096)])
-def test_publish_frames_are_what_pika_decodes_as_a_mandatory_publish(
-    body_size: int, frame_max: int
-) -> None:
-    """virtpub writes basic.publish frames itself; pika's own decoder must read them back."""
-    backend = messages.Backend(backend="b", uri="x" * body_size, connected=True, reason=None)
-    message = Envelope("hv01").publisher_message(backend, 7, 1.5)
-    message = message._replace(body=message.body[:body_size])
-    data = envelope.publish_frames(3, "virt.events", message, frame_max - 8)
-    frames = []
-    while data:
-        consumed, frame = pika.frame.decode_frame(data)
-        assert consumed > 0, "a truncated frame"
-        frames.append(frame)
-        data = data[consumed:]
-    method, header, *bodies = frames
-    assert {f.channel_number for f in frames} == {3}
-    assert isinstance(method.method, pika.spec.Basic.Publish)
-    assert (method.method.exchange, method.method.routing_key) == (
-        "virt.events",
-        message.routing_key,
-    )
-    assert (method.method.mandatory, method.method.immediate) == (True, False)
-    assert header.body_size == len(message.body)
-    assert header.properties.message_id == message.id
-    assert header.properties.headers == message.basic_properties().headers
-    assert b"".join(b.fragment for b in bodies) == message.body
-    assert all(len(b.fragment) <= frame_max - 8 for b in bodies)
-    assert len(bodies) == -(-len(message.body) // (frame_max - 8))
-
-
 def test_message_ids_are_distinct_version_4_uuids() -> None:
     ids = MessageIds()
     drawn = [ids.next() for _ in range(3 * MessageIds.BATCH + 5)]

@@ -22,12 +22,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
 import pika.spec
 
+from virtpub.amqp import frames
 from virtpub.amqp.connection import (
     BrokerFatalError,
     BrokerUnavailableError,
@@ -38,11 +39,10 @@ from virtpub.amqp.connection import one_line as _one_line
 from virtpub.amqp.requests import CapabilityResponder
 from virtpub.amqp.topology import ExchangeSetup
 from virtpub.config import Settings
-from virtpub.contract.envelope import APP_ID, OutgoingMessage, publish_frames
+from virtpub.contract.envelope import APP_ID, OutgoingMessage
 from virtpub.core import retry
+from virtpub.core.latency import LatencyHistogram
 from virtpub.core.redact import redact_url
-from virtpub.daemon.metrics import LatencyHistogram
-from virtpub.daemon.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,26 @@ CONFIRM_STALL_S = 5.0
 WATCH_INTERVAL_S = 0.5
 CLOSE_GRACE_S = 1.0
 """How long a clean close of a dead connection may take before its transport is aborted."""
-FRAMING_BYTES = 8
 """A frame's type, channel and size (7 bytes) and its end octet."""
 _FATAL_REPLY_CODES = frozenset({403, 406})  # ACCESS_REFUSED, PRECONDITION_FAILED
 
 Confirmed = Callable[[list[OutgoingMessage]], None]
 
 
+class SettledMessages(Protocol):
+    """Where the I/O thread hands what the broker settled: the spool, which forgets a
+    confirmed message and keeps a returned one. Both calls return at once."""
+
+    def remove(self, messages: Iterable[OutgoingMessage]) -> None: ...
+
+    def keep_returned(self, message: OutgoingMessage, reply_code: int, reply_text: str) -> None: ...
+
+
 class Broker:
     def __init__(
         self,
         settings: Settings,
-        spool: Spool,
+        spool: SettledMessages,
         *,
         on_confirmed: Confirmed | None = None,
         on_reconnected: Callable[[], None] | None = None,
@@ -429,7 +437,7 @@ class Broker:
             log.warning(
                 "broker %s: clean close did not complete; aborting the connection", self._url
             )
-            connection._terminate_stream(pika.exceptions.StreamLostError(why))
+            frames.abort(connection, why)
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if self._channel is channel:
@@ -474,13 +482,7 @@ class Broker:
             return
         # One write for the batch, frames encoded here rather than by basic_publish:
         # pika's frame objects cost more than everything else on this thread.
-        connection = self._connection
-        number, exchange = channel.channel_number, self._exchange
-        body_max = connection.params.frame_max - FRAMING_BYTES
-        data = b"".join(publish_frames(number, exchange, m, body_max) for m in batch)
-        connection.bytes_sent += len(data)
-        connection.frames_sent += 3 * len(batch)
-        connection._adapter_emit_data(data)
+        frames.write_publishes(self._connection, channel.channel_number, self._exchange, batch)
         if not self._in_flight:
             self._stalled_since = time.monotonic()
         for message in batch:

@@ -70,7 +70,8 @@ _FLAGS = struct.pack(
 _PERSISTENT = bytes([pika.DeliveryMode.Persistent.value])
 
 
-def _short_string(value: str) -> bytes:
+def short_string(value: str) -> bytes:
+    """An AMQP short string: a length octet, then the UTF-8 bytes."""
     encoded = value.encode()
     return bytes([len(encoded)]) + encoded
 
@@ -80,8 +81,8 @@ def _properties_around(message_type: str, headers: Mapping[str, str]) -> tuple[b
     of one kind, so computed once per kind."""
     table: list[bytes] = []
     pika.data.encode_table(table, dict(headers))
-    head = b"".join((_FLAGS, _short_string(CONTENT_TYPE), *table, _PERSISTENT))
-    return head, _short_string(message_type) + _short_string(APP_ID)
+    head = b"".join((_FLAGS, short_string(CONTENT_TYPE), *table, _PERSISTENT))
+    return head, short_string(message_type) + short_string(APP_ID)
 
 
 def encode_properties(
@@ -94,7 +95,7 @@ def encode_properties(
 
 
 def _properties(head: bytes, message_id: str, timestamp: int, tail: bytes) -> bytes:
-    return b"".join((head, _short_string(message_id), struct.pack(">Q", timestamp), tail))
+    return b"".join((head, short_string(message_id), struct.pack(">Q", timestamp), tail))
 
 
 class _Kind(NamedTuple):
@@ -104,45 +105,6 @@ class _Kind(NamedTuple):
     routing_key: str
     properties_head: bytes
     properties_tail: bytes
-
-
-_PUBLISH = struct.pack(">HHH", 60, 40, 0)  # basic.publish, reserved ticket
-_MANDATORY = b"\x01"
-_FRAME_END = b"\xce"
-_BASIC_CLASS = 60
-
-
-@functools.lru_cache(maxsize=4096)
-def _short_string_cached(value: str) -> bytes:
-    return _short_string(value)
-
-
-def publish_frames(
-    channel: int, exchange: str, message: OutgoingMessage, body_frame_max: int
-) -> bytes:
-    """The AMQP frames of one mandatory basic.publish: method, content header, body.
-
-    What pika's basic_publish sends, without its six frame objects per message:
-    encoding them was most of the I/O thread's time (AMQP 0-9-1, sections 4.2.3
-    and 4.2.6). `body_frame_max` is the negotiated frame size less 8 bytes of
-    framing; a larger body is split over several body frames.
-    """
-    method = (
-        _PUBLISH
-        + _short_string_cached(exchange)
-        + _short_string_cached(message.routing_key)
-        + _MANDATORY
-    )
-    body = message.body
-    header = struct.pack(">HHQ", _BASIC_CLASS, 0, len(body)) + message.properties
-    parts = [
-        struct.pack(">BHI", 1, channel, len(method)), method, _FRAME_END,
-        struct.pack(">BHI", 2, channel, len(header)), header, _FRAME_END,
-    ]  # fmt: skip
-    for start in range(0, len(body), body_frame_max):
-        chunk = body[start : start + body_frame_max]
-        parts += [struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END]
-    return b"".join(parts)
 
 
 def rfc3339(epoch: float) -> str:

@@ -7,11 +7,10 @@ hot path pays nothing for metrics but one bucket increment per confirmed message
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,31 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from virtpub.core.latency import LatencyHistogram
+
 log = logging.getLogger(__name__)
-
-LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
-
-
-class LatencyHistogram:
-    """Hand-off to broker ack, observed on the I/O thread: one bisect and two additions."""
-
-    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS_S) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.total += seconds
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative, as Prometheus wants them, ending with +Inf."""
-        counts, running = list(self.counts), 0
-        result = []
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
-            running += count
-            result.append((bound, float(running)))
-        return result
 
 
 @dataclass(frozen=True, slots=True)
