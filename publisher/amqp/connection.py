@@ -5,7 +5,7 @@ given CAs and the URL's host name, a client certificate, SASL EXTERNAL) and one 
 decides what a failed connection means: a broker that cannot be reached is worth another
 attempt or the next URL; refused credentials, denied access and a certificate that does not
 verify are not, and end with one line for the operator, without passwords. The daemon
-(`virtpub.amqp.broker`, on its I/O thread) and the tools' blocking session (`virtpub.tools.tail`)
+(`virtpub.amqp.broker`, on its I/O thread) and the tools' blocking session (`virtpub.amqp.session`)
 both take their parameters and their verdicts from here.
 """
 

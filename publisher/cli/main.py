@@ -41,7 +41,8 @@ from virtpub.tools.ask import ask, snapshot_command
 from virtpub.tools.ask import table as capability_table
 from virtpub.tools.explain import explain as explain_backend
 from virtpub.tools.inventory import inventory_command
-from virtpub.tools.tail import CONNECTION_OPTIONS, EXIT_FAILURE, amqp_options, tail_command
+from virtpub.tools.options import CONNECTION_OPTIONS, EXIT_FAILURE, amqp_options
+from virtpub.tools.tail import tail_command
 
 EXIT_CONFIG = 2
 

@@ -40,16 +40,10 @@ import click
 import orjson
 
 from virtpub.amqp.connection import BrokerError
+from virtpub.amqp.session import check_exchange, on_cancel_raise, session
 from virtpub.config import BrokerSettings
 from virtpub.contract.routing import RoutingKey
-from virtpub.tools.tail import (
-    EXIT_FAILURE,
-    amqp_options,
-    check_exchange,
-    on_cancel_raise,
-    session,
-    stop_on_signals,
-)
+from virtpub.tools.options import EXIT_FAILURE, amqp_options, stop_on_signals
 
 _FILE_NAME = re.compile(r"events-(\d{4}-\d{2}-\d{2})-(\d+)\.jsonl\.gz")
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)

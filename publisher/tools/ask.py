@@ -1,8 +1,8 @@
 """Asking the running publishers through `<exchange>.requests`: `virtpub capabilities`
 (what they can emit, tabulated) and `virtpub snapshot` (a fresh snapshot bracket now).
 
-Both go through the broker session the other tools use (`virtpub.tools.tail.session`), with
-the same broker options (`virtpub.tools.tail.amqp_options`); the
+Both go through the broker session the other tools use (`virtpub.amqp.session`), with
+the same broker options (`virtpub.tools.options.amqp_options`); the
 request format is described in `virtpub.amqp.requests`.
 """
 
@@ -23,17 +23,11 @@ import pika.exceptions
 
 from virtpub.amqp.connection import BrokerError
 from virtpub.amqp.requests import ALL_HOSTS, REPLY_PREFIX, Kind, request_key, requests_exchange
+from virtpub.amqp.session import check_exchange, missing_means, session
 from virtpub.config import BrokerSettings
 from virtpub.contract import schemas
 from virtpub.contract.routing import RoutingKey
-from virtpub.tools.tail import (
-    EXIT_FAILURE,
-    amqp_options,
-    check_exchange,
-    missing_means,
-    session,
-    stop_on_signals,
-)
+from virtpub.tools.options import EXIT_FAILURE, amqp_options, stop_on_signals
 
 MARK = {"native": "native", "derived": "derived", "polled": "polled",
         "filesystem": "files", "unsupported": "-"}  # fmt: skip

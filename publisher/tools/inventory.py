@@ -28,18 +28,12 @@ from typing import Any
 import click
 
 from virtpub.amqp.connection import BrokerError
+from virtpub.amqp.session import check_exchange, missing_means, session
 from virtpub.config import BrokerSettings
 from virtpub.contract import schemas
 from virtpub.contract.routing import RoutingKey
 from virtpub.tools.ask import SnapshotRequester
-from virtpub.tools.tail import (
-    EXIT_FAILURE,
-    amqp_options,
-    check_exchange,
-    missing_means,
-    session,
-    stop_on_signals,
-)
+from virtpub.tools.options import EXIT_FAILURE, amqp_options, stop_on_signals
 
 BINDINGS = ("v1.*.domain.#", "v1.*.publisher.#", "v1.*.config.#")
 """Every message a publisher sends, so that a gap in `sequence` always means a lost one."""

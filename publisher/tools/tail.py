@@ -10,42 +10,26 @@ errors, clean stop on signals) are shared with `virtpub archive`, `inventory`,
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
-import pika
-import pika.exceptions
 from rich.console import Console
 from rich.text import Text
 
 from virtpub.amqp.connection import (
     BrokerError,
-    BrokerUnavailableError,
-    connection_parameters,
-    one_line,
-    open_error,
 )
+from virtpub.amqp.session import check_exchange, on_cancel_raise, session
 from virtpub.config import (
-    DEFAULTS,
-    TLS_KEYS,
     BrokerSettings,
-    ConfigError,
-    read_config_file,
-    resolve_broker,
 )
 from virtpub.contract.routing import RoutingKey
-from virtpub.core.redact import redact_url
+from virtpub.tools.options import EXIT_FAILURE, amqp_options, stop_on_signals
 
 # Unacked deliveries held at once: a slow terminal slows the broker's pushes instead of
 # growing this process.
@@ -55,165 +39,6 @@ PREFETCH = 200
 MAX_QUEUE_LENGTH = 10_000
 # How long one wait for messages lasts: how soon a signal or --count ends the command.
 POLL_S = 0.25
-# Exit code of a tool that cannot go on (broker, configuration).
-EXIT_FAILURE = 1
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-CONNECTION_OPTIONS: list[Decorator] = [
-    click.option(
-        "--amqp-url",
-        "amqp_url",
-        multiple=True,
-        metavar="URL",
-        help="RabbitMQ URL, amqp:// or amqps://; repeat for cluster nodes, tried in turn."
-        f" [default: {DEFAULTS['amqp_url'][0]}]",  # type: ignore[index]
-    ),
-    click.option(
-        "--amqp-ca-file",
-        "amqp_ca_file",
-        metavar="FILE",
-        help="CA certificates to verify an amqps:// broker by (the host name is always"
-        " verified). [default: the system's CAs]",
-    ),
-    click.option(
-        "--amqp-cert-file",
-        "amqp_cert_file",
-        metavar="FILE",
-        help="Client certificate for amqps://; with no password in --amqp-url, virtpub"
-        " logs in by SASL EXTERNAL (the broker takes the user from the certificate).",
-    ),
-    click.option(
-        "--amqp-key-file",
-        "amqp_key_file",
-        metavar="FILE",
-        help="The client certificate's private key.",
-    ),
-]
-"""How every command reaches the broker, `virtpub run` included: one definition each."""
-
-_BROKER_OPTIONS: list[Decorator] = [
-    click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar="VIRTPUB_CONFIG",
-        help="TOML file with the broker settings below (amqp_url, amqp_ca_file, amqp_cert_file,"
-        " amqp_key_file, exchange); the daemon's file will do, its other settings are ignored."
-        " Each can also be a VIRTPUB_<NAME> variable (VIRTPUB_AMQP_URL: several separated by"
-        " spaces); flags win over the environment, which wins over the file.",
-    ),
-    *CONNECTION_OPTIONS,
-    click.option(
-        "--exchange",
-        help="The publishers' topic exchange; it must exist (publishers declare it)."
-        f" [default: {DEFAULTS['exchange']}]",
-    ),
-]
-_BROKER_KEYS = ("amqp_url", *TLS_KEYS, "exchange")
-
-
-def amqp_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The broker options of every command that talks to the publishers' broker: --config,
-    --amqp-url (repeatable), the TLS files and --exchange, from the same TOML file and
-    VIRTPUB_* variables as `virtpub run`, with the same precedence and checks.
-
-    The command receives them as one argument, `broker` (a BrokerSettings). Invalid ones
-    end the command before it connects, one line each, exit code 1. A group whose
-    subcommand runs instead (`archive verify`) receives None: its subcommands need no broker.
-    """
-
-    @functools.wraps(func)
-    def with_broker(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
-        flags = {key: kwargs.pop(key) for key in _BROKER_KEYS}
-        context = click.get_current_context()
-        broker = None if context.invoked_subcommand else _broker_settings(config_path, flags)
-        return func(*args, broker=broker, **kwargs)
-
-    command: Callable[..., Any] = with_broker
-    for option in reversed(_BROKER_OPTIONS):
-        command = option(command)
-    return command
-
-
-def _broker_settings(config_path: Path | None, flags: dict[str, Any]) -> BrokerSettings:
-    try:
-        file_values = read_config_file(config_path) if config_path else None
-        return resolve_broker(flags, os.environ, file_values)
-    except ConfigError as err:
-        command = click.get_current_context().command.name
-        for problem in err.problems:
-            click.echo(f"virtpub {command}: invalid configuration: {problem}", err=True)
-        sys.exit(EXIT_FAILURE)
-
-
-def connect_any(broker: BrokerSettings, connection_name: str) -> tuple[Any, str]:
-    """A blocking connection to the first broker that answers, and its URL without password.
-
-    An unreachable broker passes to the next URL; a refusal (credentials, access, a
-    certificate that does not verify) ends the attempt at once.
-    """
-    for url in broker.amqp_urls[:-1]:
-        try:
-            return connect(url, broker, connection_name)
-        except BrokerUnavailableError:
-            continue
-    return connect(broker.amqp_urls[-1], broker, connection_name)
-
-
-def connect(url: str, broker: BrokerSettings, connection_name: str) -> tuple[Any, str]:
-    where = redact_url(url)
-    params = connection_parameters(url, connection_name, broker)
-    try:
-        return pika.BlockingConnection(params), where
-    except (pika.exceptions.AMQPError, OSError) as err:  # a failed TLS handshake is an OSError
-        raise open_error(err, where) from None
-
-
-@contextlib.contextmanager
-def missing_means(explanation: str) -> Iterator[None]:
-    """A passive declare of something missing fails with a bare 404; this says what is
-    missing and why. Used inside `session`, which turns any other refusal into one line."""
-    try:
-        yield
-    except pika.exceptions.ChannelClosedByBroker as err:
-        if err.reply_code != 404:
-            raise
-        raise BrokerError(explanation) from None
-
-
-def check_exchange(channel: Any, exchange: str, where: str) -> None:
-    with missing_means(
-        f"exchange {exchange!r} does not exist at {where}; no publisher has declared it"
-        " yet, or --exchange is wrong"
-    ):
-        channel.exchange_declare(exchange, passive=True)
-
-
-def on_cancel_raise(channel: Any, queue: str) -> None:
-    """A consumer the broker cancels (its queue was deleted) would otherwise wait forever."""
-
-    def cancelled(_frame: Any) -> None:
-        raise BrokerError(f"the broker cancelled the consumer of queue {queue!r} (deleted?)")
-
-    channel.add_on_cancel_callback(cancelled)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM end the command cleanly (exit 0), not with a traceback."""
-
-    def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # -- one message, one line ---------------------------------------------------------------------
 
 
@@ -382,25 +207,6 @@ def follow(
         on_ready(where)
         while not stop.is_set():
             connection.process_data_events(time_limit=POLL_S)
-
-
-@contextlib.contextmanager
-def session(broker: BrokerSettings, connection_name: str) -> Iterator[tuple[Any, str]]:
-    """A connection to the first broker that answers, and where it is; pika's errors inside
-    become one-line BrokerErrors, and the connection is closed whatever happens.
-
-    `connection_name` names the connection in the broker's management UI."""
-    connection, where = connect_any(broker, connection_name)
-    try:
-        yield connection, where
-    except pika.exceptions.ChannelClosedByBroker as err:
-        raise BrokerError(f"the broker at {where} refused: {err.reply_text}") from None
-    except pika.exceptions.AMQPError as err:
-        raise BrokerError(f"lost the broker at {where}: {one_line(err)}") from None
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            if connection.is_open:
-                connection.close()
 
 
 # -- command line ------------------------------------------------------------------------------
