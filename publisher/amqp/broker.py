@@ -37,7 +37,7 @@ from virtpub.amqp.connection import (
 )
 from virtpub.amqp.connection import one_line as _one_line
 from virtpub.amqp.requests import CapabilityResponder
-from virtpub.amqp.topology import ExchangeSetup
+from virtpub.amqp.topology import Topology
 from virtpub.config import Settings
 from virtpub.contract.envelope import APP_ID, OutgoingMessage
 from virtpub.core import retry
@@ -105,7 +105,6 @@ class Broker:
         # Owned by the I/O thread.
         self._connection: Any = None
         self._channel: Any = None
-        self._setup_channel: Any = None
         """The channel the alternate exchange's queue is declared on, until it closes."""
         self._next_tag = 0
         self._blocked = False
@@ -278,7 +277,14 @@ class Broker:
         self._session_ready = False
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        self.setup_unroutable_exchange()
+        Topology(
+            connection,
+            self._exchange,
+            self._unroutable,
+            on_ready=self._on_channel_open,
+            on_refused=self.on_exchange_refused,
+            on_failed=self.on_exchange_failed,
+        ).setup_unroutable_exchange()
 
     def _on_connection_open_error(self, connection: Any, err: BaseException) -> None:
         self._session_ready = False
@@ -291,80 +297,6 @@ class Broker:
         if self._session_error is None and not self._stop.is_set():
             self._session_error = BrokerUnavailableError(_one_line(reason))
         connection.ioloop.stop()
-
-    def setup_unroutable_exchange(self) -> None:
-        """Declares `<exchange>.unroutable` (fanout) and its queue, for an alternate-exchange
-        policy to deliver to.
-
-        The alternate exchange itself comes from a policy (an argument on the events
-        exchange would make every other declaration of it fail), but virtpub still
-        declares what the policy points at: then the one `rabbitmqctl set_policy` line
-        is all an operator adds, and a policy never names a missing exchange (the broker
-        would return every unroutable message instead). Without a policy they sit
-        unused. Publishing does not depend on them: a refusal is logged and setup goes on.
-        """
-        ExchangeSetup(
-            self._connection,
-            self._unroutable,
-            "fanout",
-            on_ready=self.on_unroutable_exchange_ready,
-            on_refused=self.on_unroutable_exchange_refused,
-            on_failed=self.on_unroutable_exchange_refused,
-        ).setup_exchange()
-
-    def on_unroutable_exchange_refused(self, line: str) -> None:
-        log.warning("%s; unroutable messages come back as returns", line)
-        self.setup_exchange()
-
-    def on_unroutable_exchange_ready(self, channel: Any) -> None:
-        """The alternate exchange's queue, on the channel its exchange was declared on, which
-        is closed afterwards: publishing never waits for it again, nor fails with it.
-
-        A quorum queue, so it survives the loss of a cluster node (a classic queue is
-        unreachable while its home node is down, and could not even be declared again).
-        Where it exists already with other settings (a classic queue from an older setup),
-        the broker refuses the declaration: it is kept as it is. While it is missing,
-        unroutable messages come back as returns and are kept in the spool.
-        """
-        self._setup_channel = channel
-        channel.add_on_close_callback(self.on_unroutable_channel_closed)
-        channel.queue_declare(
-            queue=self._unroutable,
-            durable=True,
-            arguments={"x-queue-type": "quorum"},
-            callback=self.on_unroutable_queue_declareok,
-        )
-
-    def on_unroutable_queue_declareok(self, _frame: Any) -> None:
-        self._setup_channel.queue_bind(
-            queue=self._unroutable, exchange=self._unroutable, callback=self.on_unroutable_bindok
-        )
-
-    def on_unroutable_bindok(self, _frame: Any) -> None:
-        self._setup_channel.close()
-
-    def on_unroutable_channel_closed(self, _channel: Any, reason: BaseException) -> None:
-        """Closed after the binding, or by a refusal: either way the events exchange is next,
-        unless the connection itself is going away."""
-        self._setup_channel = None
-        if self._connection is None or not self._connection.is_open:
-            return
-        code = getattr(reason, "reply_code", None)
-        if code not in (0, 200):
-            log.warning("alternate-exchange queue %r not declared: %s", self._unroutable,
-                        _one_line(reason))  # fmt: skip
-        self.setup_exchange()
-
-    def setup_exchange(self) -> None:
-        """The events exchange: topic, durable, no arguments, or the one that exists."""
-        ExchangeSetup(
-            self._connection,
-            self._exchange,
-            "topic",
-            on_ready=self._on_channel_open,
-            on_refused=self.on_exchange_refused,
-            on_failed=self.on_exchange_failed,
-        ).setup_exchange()
 
     def on_exchange_refused(self, line: str) -> None:
         self._session_error = BrokerFatalError(f"broker at {self._url}: {line}")

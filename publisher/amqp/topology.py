@@ -29,6 +29,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from virtpub.amqp.connection import one_line
+
 log = logging.getLogger(__name__)
 
 ACCESS_REFUSED = 403
@@ -150,3 +152,100 @@ class ExchangeSetup:
         if not self._done:
             self._done = True
             outcome(value)
+
+
+class Topology:
+    """The publishing session's topology, in named steps on the I/O thread: the alternate
+    exchange `<exchange>.unroutable` and its queue, then the events exchange, whose channel
+    becomes the publishing channel (`on_ready`).
+
+    The alternate exchange itself comes from a policy (an argument on the events
+    exchange would make every other declaration of it fail), but virtpub still declares
+    what the policy points at: then the one `rabbitmqctl set_policy` line is all an
+    operator adds, and a policy never names a missing exchange (the broker would return
+    every unroutable message instead). Without a policy they sit unused. Publishing does
+    not depend on them: a refusal there is logged and the events exchange is next. A
+    refusal of the events exchange is `on_refused` (fatal), a failure `on_failed`.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        exchange: str,
+        unroutable: str,
+        *,
+        on_ready: Callable[[Any], None],
+        on_refused: Callable[[str], None],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        self._unroutable = unroutable
+        self._on_ready = on_ready
+        self._on_refused = on_refused
+        self._on_failed = on_failed
+        self._setup_channel: Any = None
+
+    def setup_unroutable_exchange(self) -> None:
+        ExchangeSetup(
+            self._connection,
+            self._unroutable,
+            "fanout",
+            on_ready=self.on_unroutable_exchange_ready,
+            on_refused=self.on_unroutable_exchange_refused,
+            on_failed=self.on_unroutable_exchange_refused,
+        ).setup_exchange()
+
+    def on_unroutable_exchange_refused(self, line: str) -> None:
+        log.warning("%s; unroutable messages come back as returns", line)
+        self.setup_exchange()
+
+    def on_unroutable_exchange_ready(self, channel: Any) -> None:
+        """The alternate exchange's queue, on the channel its exchange was declared on, which
+        is closed afterwards: publishing never waits for it again, nor fails with it.
+
+        A quorum queue, so it survives the loss of a cluster node (a classic queue is
+        unreachable while its home node is down, and could not even be declared again).
+        Where it exists already with other settings (a classic queue from an older setup),
+        the broker refuses the declaration: it is kept as it is. While it is missing,
+        unroutable messages come back as returns and are kept in the spool.
+        """
+        self._setup_channel = channel
+        channel.add_on_close_callback(self.on_unroutable_channel_closed)
+        channel.queue_declare(
+            queue=self._unroutable,
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+            callback=self.on_unroutable_queue_declareok,
+        )
+
+    def on_unroutable_queue_declareok(self, _frame: Any) -> None:
+        self._setup_channel.queue_bind(
+            queue=self._unroutable, exchange=self._unroutable, callback=self.on_unroutable_bindok
+        )
+
+    def on_unroutable_bindok(self, _frame: Any) -> None:
+        self._setup_channel.close()
+
+    def on_unroutable_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        """Closed after the binding, or by a refusal: either way the events exchange is next,
+        unless the connection itself is going away."""
+        self._setup_channel = None
+        if not self._connection.is_open:
+            return
+        code = getattr(reason, "reply_code", None)
+        if code not in (0, 200):
+            log.warning("alternate-exchange queue %r not declared: %s", self._unroutable,
+                        one_line(reason))  # fmt: skip
+        self.setup_exchange()
+
+    def setup_exchange(self) -> None:
+        """The events exchange: topic, durable, no arguments, or the one that exists."""
+        ExchangeSetup(
+            self._connection,
+            self._exchange,
+            "topic",
+            on_ready=self._on_ready,
+            on_refused=self._on_refused,
+            on_failed=self._on_failed,
+        ).setup_exchange()
