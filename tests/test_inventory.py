@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 from tests.conftest import on_test_broker
 from virtpub.config import BrokerSettings
+from virtpub.consumer import Inventory, Row
 from virtpub.tools.inventory import (
-    Inventory,
-    Row,
     consume,
     inventory_command,
     render_table,
