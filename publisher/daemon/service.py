@@ -72,9 +72,9 @@ class Daemon:
         self._metrics = metrics
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._inbox: Inbox[Signal] = Inbox(INBOX_LIMIT)
-        backends = frozenset(self._drivers)
+        self._backends = frozenset(self._drivers)
         self._overflow = Overflow(
-            settings.spool_full_policy, settings.spool_max_bytes, status, backends
+            settings.spool_full_policy, settings.spool_max_bytes, status, self._backends
         )
         self._pipeline = Pipeline(Envelope(settings.host_id), spool, publisher, self._overflow)
         self._clock = clock if clock is not None else Clock()
@@ -204,7 +204,7 @@ class Daemon:
             lost, reason = report.lost, report.reason
             log.error("%d event(s) dropped (%s); publishing publisher.dropped", lost.count, reason)
             message = announcements.dropped(
-                reason, lost, report.sequences, self._overflow.policy, frozenset(self._drivers)
+                reason, lost, report.sequences, self._overflow.policy, self._backends
             )
             self._pipeline.add_publisher(message, now)
             concerned |= lost.backends
