@@ -1,11 +1,13 @@
-"""Publishing to RabbitMQ on one dedicated I/O thread, with pipelined publisher confirms.
+"""The connection to RabbitMQ: one dedicated I/O thread, URL rotation, failover.
 
 A pika connection belongs to one thread; other threads only append to the
-outbound queue and wake the I/O loop with `add_callback_threadsafe`, pika's one
-thread-safe call. Up to `window` messages are in flight at once; a message
-leaves the spool only when the broker acks it. When a connection or channel is
-lost, every unconfirmed message goes back to the front of the queue in its
-original order and is resent with the same id.
+confirm window's queue (`amqp.window`) and wake the I/O loop with
+`add_callback_threadsafe`, pika's one thread-safe call. This module runs the
+connection: it opens it (topology in `amqp.topology`), watches that it is alive,
+holds publishing while the broker blocks it, and hands the window's confirms and
+returns on. A message leaves the spool only when the broker acks it; when a
+connection or channel is lost, every unconfirmed message goes back to the front
+of the queue in its original order and is resent with the same id.
 
 Whether to retry is decided by exception class: a broker that cannot be
 reached is retried with tenacity's exponential backoff and jitter, while
@@ -16,7 +18,6 @@ settings is used as it is (publisher.topology).
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import threading
@@ -38,6 +39,7 @@ from virtpub.amqp.connection import (
 from virtpub.amqp.connection import one_line as _one_line
 from virtpub.amqp.requests import CapabilityResponder
 from virtpub.amqp.topology import Topology
+from virtpub.amqp.window import DEFAULT_SIZE, ConfirmWindow
 from virtpub.config import Settings
 from virtpub.contract.envelope import APP_ID, OutgoingMessage
 from virtpub.core import retry
@@ -46,9 +48,6 @@ from virtpub.core.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW = 1000
-NACK_CAREFUL_S = 10.0
-"""One message at a time for this long after a nack: none overtakes a refused one."""
 NACK_RECONNECT_AFTER = 3
 """Refusals in a row, no ack between, after which the connection is replaced: a channel
 can keep refusing where a fresh one is served (a quorum queue whose leader moved)."""
@@ -57,7 +56,6 @@ CONFIRM_STALL_S = 5.0
 WATCH_INTERVAL_S = 0.5
 CLOSE_GRACE_S = 1.0
 """How long a clean close of a dead connection may take before its transport is aborted."""
-"""A frame's type, channel and size (7 bytes) and its end octet."""
 _FATAL_REPLY_CODES = frozenset({403, 406})  # ACCESS_REFUSED, PRECONDITION_FAILED
 
 Confirmed = Callable[[list[OutgoingMessage]], None]
@@ -80,7 +78,7 @@ class Broker:
         *,
         on_confirmed: Confirmed | None = None,
         on_reconnected: Callable[[], None] | None = None,
-        window: int = DEFAULT_WINDOW,
+        window: int = DEFAULT_SIZE,
         connection_name: str = APP_ID,
         responder: CapabilityResponder | None = None,
     ) -> None:
@@ -92,13 +90,8 @@ class Broker:
         self._on_confirmed = on_confirmed
         self._on_reconnected = on_reconnected
         self._connection_name = connection_name
-        self._window = window
+        self._window = ConfirmWindow(window)
         self._responder = responder
-
-        self._lock = threading.Condition()
-        self._outbound: collections.deque[OutgoingMessage] = collections.deque()
-        self._in_flight: collections.deque[tuple[int, OutgoingMessage]] = collections.deque()
-        """(delivery tag, message), tags ascending: acks settle from the left."""
         self._stop = threading.Event()
         self._fatal: str | None = None
 
@@ -106,7 +99,6 @@ class Broker:
         self._connection: Any = None
         self._channel: Any = None
         """The channel the alternate exchange's queue is declared on, until it closes."""
-        self._next_tag = 0
         self._blocked = False
         self._pump_scheduled = False
         self._session_error: BaseException | None = None
@@ -116,25 +108,15 @@ class Broker:
         self._connected_before = False
         """Owned by the I/O thread: a later connection is a reconnect, to be announced."""
         self._first_attempt_done = threading.Event()
-        self._refused: list[tuple[int, OutgoingMessage]] = []
-        """Nacked on the current channel, waiting for every confirm still due."""
         self._resend_pending = False
         """A resend after a nack waits out its backoff: nothing is published meanwhile."""
-        self._nack_streak = 0
-        self._careful_until = 0.0
-        self._stalled_since = 0.0
-        """When the oldest confirm still awaited became due (a publish or the last confirm)."""
         self._heard_bytes = 0
         self._heard_at = 0.0
 
-        self.published = 0
-        self.confirmed = 0
-        self.nacked = 0
         self.returned = 0
         self._warned_unroutable = False
         """Whether the first return has been explained in the log (once per process)."""
         self.reconnects = 0
-        self.latency = LatencyHistogram()
         self._thread = threading.Thread(target=self._run, name="amqp-io", daemon=True)
 
     # -- any thread ---------------------------------------------------------------------------
@@ -157,27 +139,34 @@ class Broker:
         return self._fatal
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
-        with self._lock:
-            self._outbound.extend(messages)
+        self._window.submit(messages)
         self._wake()
 
     def withdraw(self) -> int | None:
-        """Takes back every message not yet published; returns the first one's sequence.
-
-        Lets the drop-oldest policy drop messages handed over during an outage: the
-        spool still has them, and they are handed over again (or dropped) from there.
-        """
-        with self._lock:
-            if not self._outbound:
-                return None
-            first = self._outbound[0].sequence
-            self._outbound.clear()
-            return first
+        """See ConfirmWindow.withdraw."""
+        return self._window.withdraw()
 
     @property
     def ready(self) -> bool:
         """Connected, in confirm mode and not blocked by a resource alarm."""
         return self._session_ready and not self._blocked
+
+    @property
+    def published(self) -> int:
+        return self._window.published
+
+    @property
+    def confirmed(self) -> int:
+        return self._window.confirmed
+
+    @property
+    def nacked(self) -> int:
+        return self._window.nacked
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        """From an event's reception to its confirm."""
+        return self._window.latency
 
     def counts(self) -> dict[str, int]:
         return {
@@ -189,24 +178,13 @@ class Broker:
         }
 
     def unconfirmed(self) -> int:
-        with self._lock:
-            return len(self._outbound) + len(self._in_flight) + len(self._refused)
+        return self._window.unconfirmed()
 
     def drain(self, timeout: float) -> bool:
         """Waits until every submitted message is confirmed; False if time ran out."""
         if not self._thread.is_alive():
             return self.unconfirmed() == 0
-        with self._lock:
-            return (
-                self._lock.wait_for(
-                    lambda: (
-                        not (self._outbound or self._in_flight or self._refused)
-                        or self._fatal is not None
-                    ),
-                    timeout,
-                )
-                and self._fatal is None
-            )
+        return self._window.wait_settled(timeout, given_up=lambda: self._fatal is not None)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -238,8 +216,7 @@ class Broker:
                         self._session(self._next_url())
             except BrokerFatalError as err:
                 self._fatal = str(err)
-                with self._lock:
-                    self._lock.notify_all()
+                self._window.wake_waiters()
                 return
             except BrokerUnavailableError:
                 return  # stop was requested during backoff
@@ -293,7 +270,7 @@ class Broker:
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         self._channel = None
-        self._requeue_in_flight()
+        self._window.requeue()
         if self._session_error is None and not self._stop.is_set():
             self._session_error = BrokerUnavailableError(_one_line(reason))
         connection.ioloop.stop()
@@ -309,7 +286,7 @@ class Broker:
     def _on_channel_open(self, channel: Any) -> None:
         """The channel the events exchange was confirmed on becomes the publishing channel."""
         self._channel = channel
-        self._next_tag = 0
+        self._window.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
@@ -344,9 +321,10 @@ class Broker:
         if connection.bytes_received != self._heard_bytes:
             self._heard_bytes, self._heard_at = connection.bytes_received, now
         heartbeat = connection.params.heartbeat or 0
-        if self._in_flight and not self._blocked and now - self._stalled_since > CONFIRM_STALL_S:
-            self._abandon(f"no confirm for {now - self._stalled_since:.1f} s with"
-                          f" {len(self._in_flight)} message(s) in flight")  # fmt: skip
+        overdue = self._window.overdue_s()
+        if not self._blocked and overdue > CONFIRM_STALL_S:
+            self._abandon(f"no confirm for {overdue:.1f} s with"
+                          f" {self._window.awaiting} message(s) in flight")  # fmt: skip
         elif heartbeat > 0 and now - self._heard_at > heartbeat:
             self._abandon(
                 f"nothing heard for {now - self._heard_at:.1f} s (heartbeat {heartbeat} s)"
@@ -374,7 +352,7 @@ class Broker:
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if self._channel is channel:
             self._channel = None
-        self._requeue_in_flight()
+        self._window.requeue()
         code = getattr(reason, "reply_code", None)
         if code in _FATAL_REPLY_CODES and not self._session_ready:
             self._session_error = BrokerFatalError(
@@ -392,7 +370,7 @@ class Broker:
 
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
         self._blocked = False
-        self._stalled_since = time.monotonic()  # confirms were not due while blocked
+        self._window.restart_stall_clock()
         log.info("broker %s unblocked publishing", self._url)
         self._pump()
 
@@ -402,99 +380,46 @@ class Broker:
         # message published earlier would never be acked.
         if channel is None or not channel.is_open or self._blocked or not self._session_ready:
             return
-        if self._resend_pending or self._refused:
+        if self._resend_pending:
             return
-        window = 1 if time.monotonic() < self._careful_until else self._window
-        room = window - len(self._in_flight)
-        if room <= 0:
-            return
-        with self._lock:
-            batch = [self._outbound.popleft() for _ in range(min(room, len(self._outbound)))]
-        if not batch:
-            return
-        # One write for the batch, frames encoded here rather than by basic_publish:
-        # pika's frame objects cost more than everything else on this thread.
-        frames.write_publishes(self._connection, channel.channel_number, self._exchange, batch)
-        if not self._in_flight:
-            self._stalled_since = time.monotonic()
-        for message in batch:
-            self._next_tag += 1
-            self._in_flight.append((self._next_tag, message))
-        self.published += len(batch)
+        batch = self._window.take()
+        if batch:
+            # One write for the batch, frames encoded here rather than by basic_publish:
+            # pika's frame objects cost more than everything else on this thread.
+            frames.write_publishes(self._connection, channel.channel_number, self._exchange, batch)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        tag, multiple = method.delivery_tag, method.multiple
-        in_flight = self._in_flight
-        self._stalled_since = time.monotonic()
         if not isinstance(method, pika.spec.Basic.Ack):
-            self._on_nack(tag, multiple)
+            if self._window.nack(method.delivery_tag, method.multiple):
+                self._resend_refused()
             return
-        self._nack_streak = 0
-        messages: list[OutgoingMessage] = []
-        if multiple:
-            while in_flight and in_flight[0][0] <= tag:
-                messages.append(in_flight.popleft()[1])
-        elif in_flight and in_flight[0][0] == tag:
-            messages.append(in_flight.popleft()[1])
-        else:  # acks of messages routed to different queues may come out of order
-            settled = next((entry for entry in in_flight if entry[0] == tag), None)
-            if settled is not None:
-                in_flight.remove(settled)
-                messages.append(settled[1])
-        self._spool.remove(messages)
-        self.confirmed += len(messages)
-        now = time.time()
-        for message in messages:
-            if message.received_at:
-                self.latency.observe(now - message.received_at)
+        settled = self._window.ack(method.delivery_tag, method.multiple)
+        self._spool.remove(settled)
         if self._on_confirmed is not None:
-            self._on_confirmed(messages)
-        with self._lock:
-            self._lock.notify_all()
+            self._on_confirmed(settled)
+        self._window.wake_waiters()
         self._resend_refused()
         self._pump()
 
-    def _on_nack(self, tag: int, multiple: bool) -> None:
-        """Sets the refused messages aside; they are resent first once every confirm due
-        before them has come, after a backoff (a full queue with reject-publish must not be
-        hammered), and one message at a time for NACK_CAREFUL_S.
-
-        Nothing is published in the meantime, and a message is only published once the
-        one before it is acked, so no later message can reach a queue before a refused one
-        that is resent. Messages already in flight when the first nack comes are the
-        broker's to take or refuse: they were sent before anything could know.
-        A nack is never a delivery: the spool keeps the message.
-        """
-        refused = [e for e in self._in_flight if (e[0] <= tag if multiple else e[0] == tag)]
-        if not refused:
-            return
-        with self._lock:
-            for entry in refused:
-                self._in_flight.remove(entry)
-            self._refused.extend(refused)
-        self.nacked += len(refused)
-        self._careful_until = time.monotonic() + NACK_CAREFUL_S
-        self._resend_refused()
-
     def _resend_refused(self) -> None:
-        """Once no confirm is due any more, puts the refused messages back in front, in
-        their order, and schedules the pump after a backoff that grows with each refusal."""
-        if not self._refused or self._resend_pending:
+        """Once no confirm is due any more, the refused messages are back in front (see
+        ConfirmWindow.nack); the pump resumes after a backoff that grows with each
+        refusal, and a channel that keeps refusing is replaced."""
+        if self._resend_pending:
             return
-        if self._in_flight:
-            return  # the broker may still take or refuse these; its confirms come first
-        count = len(self._refused)
-        self._requeue_in_flight()
-        self._nack_streak += 1
-        if self._nack_streak % NACK_RECONNECT_AFTER == 0:
+        count = self._window.resend_refused()
+        if not count:
+            return
+        streak = self._window.nack_streak
+        if streak % NACK_RECONNECT_AFTER == 0:
             log.warning("broker refused %d message(s) (nack), %d times in a row; resending in"
-                        " order on a new connection", count, self._nack_streak)  # fmt: skip
+                        " order on a new connection", count, streak)  # fmt: skip
             self._session_ready = False  # so the reconnect waits out a backoff
             self._session_error = BrokerUnavailableError("the broker keeps refusing (nack)")
             self._close_connection()
             return
-        delay = retry.backoff_s(self._nack_streak - 1)
+        delay = retry.backoff_s(streak - 1)
         log.warning("broker refused %d message(s) (nack); resending in order in %.1f s",
                     count, delay)  # fmt: skip
         self._resend_pending = True
@@ -514,7 +439,7 @@ class Broker:
         back, and a line each would bury the log.
         """
         self.returned += 1
-        message = next((m for _, m in self._in_flight if m.id == props.message_id), None)
+        message = self._window.in_flight(props.message_id)
         if message is None:
             log.warning("broker returned message %s, which is not in flight", props.message_id)
             return
@@ -531,16 +456,6 @@ class Broker:
             method.reply_text,
             self._exchange,
         )
-
-    def _requeue_in_flight(self) -> None:
-        """Every unconfirmed message, refused or in flight, back in front in its order."""
-        if not self._in_flight and not self._refused:
-            return
-        with self._lock:
-            pending = sorted([*self._refused, *self._in_flight], key=lambda e: e[0])
-            self._refused.clear()
-            self._in_flight.clear()
-            self._outbound.extendleft(reversed([m for _, m in pending]))
 
     def _close_connection(self) -> None:
         connection = self._connection
