@@ -31,8 +31,8 @@ from tests.conftest import (
     open_qemu,
     restart_libvirtd,
 )
+from virtpub.consumer import Inventory
 from virtpub.drivers.libvirt.events import Catalog
-from virtpub.tools.inventory import Inventory
 
 CATALOG = Catalog(vars(libvirt))
 

@@ -4,19 +4,23 @@ and the command against the real RabbitMQ."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 from click.testing import CliRunner
 
 from tests.conftest import on_test_broker
 from virtpub.config import BrokerSettings
-from virtpub.consumer import Inventory, Row
+from virtpub.consumer import Inventory, Row, follow
 from virtpub.tools.inventory import (
-    consume,
     inventory_command,
     render_table,
     to_json,
@@ -422,7 +426,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic: str)
 
     def run() -> None:
         result.append(
-            consume(
+            follow(
                 BrokerSettings(amqp_urls=(amqp_url,), exchange=topic),
                 on_change=lambda inventory: changes.append(len(inventory.rows())),
                 idle_timeout=1.0,
@@ -436,7 +440,7 @@ def test_consume_rebuilds_the_fleet_from_the_exchange(amqp_url: str, topic: str)
     assert ready.wait(10), "the consumer did not bind its queue"
     publish(amqp_url, topic, messages)
     thread.join(15)
-    assert not thread.is_alive() and result, "consume did not return after 1 s of silence"
+    assert not thread.is_alive() and result, "follow did not return after 1 s of silence"
     inventory = result[0]
     assert summary(inventory) == expected
     assert (inventory.messages, inventory.duplicates, inventory.gaps) == (11, 1, 0)
@@ -512,7 +516,7 @@ def test_a_gap_asks_for_a_snapshot_and_carries_on_when_nobody_serves_requests(
 
         def run() -> None:
             result.append(
-                consume(
+                follow(
                     BrokerSettings(amqp_urls=(amqp_url,), exchange=topic),
                     on_change=lambda _inventory: None,
                     idle_timeout=1.0,
@@ -550,3 +554,103 @@ def test_a_gap_asks_for_a_snapshot_and_carries_on_when_nobody_serves_requests(
     connection.close()
     assert method is not None and method.routing_key == "snapshot.node07"
     assert line.endswith(f"(request {properties.correlation_id})")
+
+
+# -- the README's consumer example, run as written --------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLE_MARKER = "<!-- example: consumer -->"
+
+
+def readme_example() -> str:
+    """The Python block after the README's consumer marker."""
+    text = README.read_text(encoding="utf-8")
+    after = text.split(EXAMPLE_MARKER, 1)[1]
+    block = after.split("```python\n", 1)[1].split("```", 1)[0]
+    assert after.index("```python") < after.index("\n\n"), "the marker must precede the block"
+    return block
+
+
+def replace_once(code: str, old: str, new: str) -> str:
+    assert code.count(old) == 1, f"the README example should name {old!r} once"
+    return code.replace(old, new)
+
+
+class ExampleProcess:
+    """The example as a process of its own; its stdout lines collected by a thread."""
+
+    def __init__(self, code: str) -> None:
+        self.lines: list[str] = []
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, name="example-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, wanted: set[str], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.lines) and time.monotonic() < deadline:
+            assert self._process.poll() is None, self.stderr()
+            time.sleep(0.05)
+        assert wanted <= set(self.lines), f"missing {wanted - set(self.lines)}; {self.stderr()}"
+
+    def stderr(self) -> str:
+        if self._process.poll() is None:
+            return "(still running)"
+        assert self._process.stderr is not None
+        return self._process.stderr.read()
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+
+
+def queue_exists(amqp_url: str, queue: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+@pytest.mark.broker
+def test_the_readme_consumer_example_follows_the_fleet_across_its_own_restart(
+    amqp_url: str, topic: str
+) -> None:
+    """The example declares a durable quorum queue, prints the table as it changes, and
+    what is published while it is down is waiting when it starts again."""
+    queue = f"virtpub-test-orchestrator-{uuid.uuid4().hex[:10]}"
+    code = replace_once(readme_example(), '"amqp://guest:guest@localhost:5672/%2F"', repr(amqp_url))
+    code = replace_once(code, '"virt.events"', repr(topic))
+    code = replace_once(code, '"orchestrator"', repr(queue))
+    messages, expected = fleet()
+    rows = {f"{host} {name} {state} {persistent}" for host, name, state, persistent, _ in expected}
+    example = ExampleProcess(code)
+    try:
+        deadline = time.monotonic() + 20
+        while not queue_exists(amqp_url, queue) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        publish(amqp_url, topic, messages)
+        example.wait_for(rows)
+        example.stop()
+        late = FakePublisher("node09").domain(CACHE, "late", "added", state="running")
+        publish(amqp_url, topic, [late])  # nobody is reading: the durable queue keeps it
+        example = ExampleProcess(code)
+        example.wait_for({"node09 late running True"})
+    finally:
+        example.stop()
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection.channel().queue_delete(queue)
+        connection.close()

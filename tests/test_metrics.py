@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Consumer, RunningPublisher, make_settings, wait_for
 from tests.rabbitnode import pick_port
 from tests.test_publish_test_driver import count_for, domain_xml
-from virtpub.tools.ask import ask_capabilities, request_snapshot
+from virtpub.amqp.session import request_snapshot
+from virtpub.tools.ask import ask_capabilities
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ import pytest
 
 from tests.conftest import HOST_ID, Consumer, RunningPublisher, assert_valid, wait_for
 from tests.test_publish_test_driver import domain_xml
+from virtpub import consumer
 from virtpub.amqp.requests import CapabilityResponder, requests_exchange
 from virtpub.daemon.inbox import Inbox
-from virtpub.tools import inventory
 
 VIRTPUB = [sys.executable, "-m", "virtpub"]
 
@@ -353,7 +353,7 @@ def test_inventory_requests_a_snapshot_on_a_gap_and_ends_consistent(
     channel.queue_declare(queue, durable=True)
     watching: Watch | None = None
     try:
-        for binding in inventory.BINDINGS:
+        for binding in consumer.BINDINGS:
             channel.queue_bind(queue, exchange, binding)
         publisher = publisher_factory()
         gone = publisher.conn.defineXML(domain_xml("vm-gone")[0])

@@ -22,8 +22,14 @@ import pika
 import pika.exceptions
 
 from virtpub.amqp.connection import BrokerError
-from virtpub.amqp.requests import ALL_HOSTS, REPLY_PREFIX, Kind, request_key, requests_exchange
-from virtpub.amqp.session import check_exchange, missing_means, session
+from virtpub.amqp.requests import ALL_HOSTS, REPLY_PREFIX, requests_exchange
+from virtpub.amqp.session import (
+    check_exchange,
+    check_requests_exchange,
+    request_snapshot,
+    send_request,
+    session,
+)
 from virtpub.config import BrokerSettings
 from virtpub.contract import schemas
 from virtpub.contract.routing import RoutingKey
@@ -78,60 +84,6 @@ def ask_capabilities(
         connection.process_data_events(time_limit=POLL_S)
     channel.close()
     return [replies[host] for host in sorted(replies)]
-
-
-def check_requests_exchange(channel: Any, exchange: str) -> None:
-    """A request published to a missing exchange would close the channel with a bare 404."""
-    with missing_means(
-        f"no publisher has ever served requests on exchange {exchange!r}"
-        f" ({requests_exchange(exchange)} does not exist)"
-    ):
-        channel.exchange_declare(requests_exchange(exchange), passive=True)
-
-
-def send_request(
-    channel: Any, exchange: str, kind: Kind, host: str, properties: pika.BasicProperties
-) -> None:
-    channel.basic_publish(requests_exchange(exchange), request_key(kind, host), b"", properties)
-
-
-def request_snapshot(channel: Any, exchange: str, host: str, request_id: str) -> None:
-    """Asks `host`'s publisher (or every one, for ALL_HOSTS) for a fresh snapshot bracket
-    carrying `request_id`."""
-    properties = pika.BasicProperties(correlation_id=request_id)
-    send_request(channel, exchange, "snapshot", host, properties)
-
-
-class SnapshotRequester:
-    """Asks for a snapshot of a host at most once per `interval` seconds, on a channel of its
-    own: a refusal closes only that channel, which the next request opens again."""
-
-    def __init__(self, connection: Any, exchange: str, interval: float) -> None:
-        self._connection = connection
-        self._exchange = exchange
-        self._interval = interval
-        self._channel: Any = None
-        self._asked: dict[str, float] = {}
-
-    def request(self, host: str) -> str | None:
-        """The new request's id, or None if `host` was asked less than `interval` ago.
-
-        Raises BrokerError if no publisher serves requests on the exchange, or the broker
-        refuses this user the requests exchange; the reading channel is not affected.
-        """
-        now = time.monotonic()
-        if now - self._asked.get(host, -self._interval) < self._interval:
-            return None
-        self._asked[host] = now
-        if self._channel is None or not self._channel.is_open:
-            self._channel = self._connection.channel()
-        try:
-            check_requests_exchange(self._channel, self._exchange)
-        except pika.exceptions.ChannelClosedByBroker as err:
-            raise BrokerError(f"the broker refused: {err.reply_text}") from None
-        request_id = str(uuid.uuid4())
-        request_snapshot(self._channel, self._exchange, host, request_id)
-        return request_id
 
 
 @dataclass(frozen=True, slots=True)

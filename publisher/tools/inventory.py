@@ -9,8 +9,8 @@ of domains that vanished while nobody was listening. A gap in a host's `sequence
 may be wrong about that host: in --watch, the inventory then asks that host's publisher for a
 snapshot (`virtpub snapshot`'s request), whose bracket marks and sweeps it consistent again.
 
-The rules (`Inventory`, pure, testable message by message) live in `virtpub.consumer`; here
-`consume` feeds them from RabbitMQ and `inventory_command` is the `virtpub inventory` command line.
+The rules (`Inventory`, pure, testable message by message) and `follow`, which feeds them from
+RabbitMQ, are the public `virtpub.consumer`; here is the `virtpub inventory` command line.
 """
 
 from __future__ import annotations
@@ -19,30 +19,14 @@ import dataclasses
 import json
 import sys
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from virtpub.amqp.connection import BrokerError
-from virtpub.amqp.session import check_exchange, missing_means, session
 from virtpub.config import BrokerSettings
-from virtpub.consumer import BINDINGS, Inventory
-from virtpub.tools.ask import SnapshotRequester
+from virtpub.consumer import Inventory, follow
 from virtpub.tools.options import EXIT_FAILURE, amqp_options, stop_on_signals
-
-# Unacked deliveries of a durable queue held at once: enough to stream, bounded in memory.
-PREFETCH = 500
-# How long one wait for messages lasts: how soon `stop` and the idle timeout are noticed,
-# and how long the queue must be quiet before `on_change` runs.
-POLL_S = 0.25
-# During a steady stream `on_change` still runs this often, so --watch never freezes.
-MAX_CHANGE_DELAY_S = 1.0
-# A host whose sequence has gaps is asked for a snapshot at most this often: its bracket
-# needs time to arrive, and one that keeps losing messages must not be asked in a loop.
-SNAPSHOT_REQUEST_INTERVAL_S = 10.0
-
 
 # -- rendering ---------------------------------------------------------------------------------
 
@@ -72,103 +56,6 @@ def to_json(inventory: Inventory) -> dict[str, Any]:
     result: dict[str, Any] = {"rows": [dataclasses.asdict(row) for row in inventory.rows()]}
     result.update((name, getattr(inventory, name)) for name in _COUNTERS)
     return result
-
-
-# -- consuming ---------------------------------------------------------------------------------
-
-
-def consume(
-    broker: BrokerSettings,
-    *,
-    on_change: Callable[[Inventory], None],
-    idle_timeout: float | None,
-    stop: threading.Event,
-    queue: str | None = None,
-    on_ready: Callable[[str], None] | None = None,
-    on_snapshot_request: Callable[[str], None] | None = None,
-) -> Inventory:
-    """Applies messages until `idle_timeout` seconds pass without one (None: until `stop`).
-
-    Without `queue`, reads an exclusive server-named queue bound to the exchange with
-    `BINDINGS`, which the broker deletes when the connection closes. With `queue`, reads
-    that existing queue (never declaring or binding it) and acks each message once applied,
-    so the queue must be the inventory's own. `on_ready(queue name)` runs once messages
-    will be received; `on_change` runs after the table changed and the queue went quiet
-    for `POLL_S`, or at least every `MAX_CHANGE_DELAY_S` during a steady stream.
-
-    With `on_snapshot_request`, a gap in a host's `sequence` asks that host's publisher for a
-    snapshot (at most once per `SNAPSHOT_REQUEST_INTERVAL_S`), and `on_snapshot_request` gets
-    one line saying so, or why no request could be sent.
-
-    Reads from the first of the broker's URLs that answers; raises BrokerError.
-    """
-    inventory = Inventory()
-    last_message = time.monotonic()
-
-    def on_message(channel: Any, method: Any, _properties: Any, body: bytes) -> None:
-        nonlocal last_message
-        inventory.apply_raw(method.routing_key, body)
-        if queue is not None:
-            channel.basic_ack(method.delivery_tag)
-        last_message = time.monotonic()
-
-    exchange = broker.exchange
-    with session(broker, "virtpub inventory") as (connection, where):
-        channel = connection.channel()
-        name = _open_queue(channel, exchange, queue, where)
-        channel.basic_consume(name, on_message, auto_ack=queue is None)
-        if on_ready is not None:
-            on_ready(name)
-        requester = SnapshotRequester(connection, exchange, SNAPSHOT_REQUEST_INTERVAL_S)
-        notified, notified_at = inventory.changes, time.monotonic()
-        while not stop.is_set():
-            limit = POLL_S
-            if idle_timeout is not None:
-                remaining = idle_timeout - (time.monotonic() - last_message)
-                if remaining <= 0:
-                    break
-                limit = min(limit, remaining)
-            received = inventory.messages
-            connection.process_data_events(time_limit=limit)
-            quiet = inventory.messages == received
-            if on_snapshot_request is not None:
-                for host in inventory.take_gapped_hosts():
-                    line = _request_snapshot(requester, host)
-                    if line is not None:
-                        on_snapshot_request(line)
-            if inventory.changes != notified and (
-                quiet or time.monotonic() - notified_at >= MAX_CHANGE_DELAY_S
-            ):
-                on_change(inventory)
-                notified, notified_at = inventory.changes, time.monotonic()
-    return inventory
-
-
-def _request_snapshot(requester: SnapshotRequester, host: str) -> str | None:
-    """Asks for `host`'s snapshot; one line for the operator, or None if asked just now."""
-    try:
-        request_id = requester.request(host)
-    except BrokerError as err:
-        return f"gap in the sequence of host {host!r}; cannot request a snapshot: {err}"
-    if request_id is None:
-        return None
-    return f"gap in the sequence of host {host!r}; requested a snapshot (request {request_id})"
-
-
-def _open_queue(channel: Any, exchange: str, queue: str | None, where: str) -> str:
-    """The queue to read: `queue` if it exists, else a fresh one bound to `exchange`."""
-    if queue is None:
-        check_exchange(channel, exchange, where)
-        name: str = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        for binding in BINDINGS:
-            channel.queue_bind(name, exchange, routing_key=binding)
-        return name
-    with missing_means(
-        f"queue {queue!r} does not exist at {where}; declare it and bind it to the exchange first"
-    ):
-        channel.queue_declare(queue, passive=True)
-    channel.basic_qos(prefetch_count=PREFETCH)
-    return queue
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -237,13 +124,14 @@ def inventory_command(
 
     try:
         with stop_on_signals(stop):
-            inventory = consume(
+            inventory = follow(
                 broker,
-                on_change=show if watch else lambda _inventory: None,
+                show if watch else lambda _inventory: None,
+                queue=queue,
+                request_snapshots=watch,
                 idle_timeout=None if watch else idle,
                 stop=stop,
-                queue=queue,
-                on_snapshot_request=report if watch else None,
+                on_snapshot_request=report,
             )
     except BrokerError as err:
         click.echo(f"virtpub inventory: {err}", err=True)
