@@ -27,14 +27,10 @@ from virtpub.contract.envelope import Envelope
 from virtpub.core.driver import Driver, DriverError
 from virtpub.core.event import SHUTOFF, BackendChange, ConfigRejected, DomainEvent
 from virtpub.core.tracker import Tracker
-from virtpub.drivers.files import driver as filesystem
+from virtpub.drivers.files import watcher
 from virtpub.drivers.files.config_files import MAX_BYTES
-from virtpub.drivers.files.driver import (
-    Config,
-    FilesystemDriver,
-    changes,
-    owners,
-)
+from virtpub.drivers.files.driver import FilesystemDriver
+from virtpub.drivers.files.rules import Config, changes, owners
 
 HOST = "testhost"
 DEBOUNCE = 0.1
@@ -571,7 +567,7 @@ def test_inotify_overflow_triggers_a_rescan(
 def test_a_flood_beyond_the_pending_bound_becomes_a_rescan(
     conf: Path, start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(filesystem, "MAX_PENDING", 8)
+    monkeypatch.setattr(watcher, "MAX_PENDING", 8)
     driver, signals = start(rescan_interval=3600.0)
     for index in range(40):
         uuid = f"{index:08x}-1111-4111-8111-000000000000"
