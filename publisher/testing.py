@@ -64,6 +64,9 @@ class MemorySpool:
         """Unconfirmed messages by sequence, in order."""
         self.records: dict[str, dict[str, Record]] = {}
         self._last_sequence = 0
+        self._reserved = 0
+        self._confirmed_early: set[int] = set()
+        """Confirmed before their append: the append skips them, as the real spool does."""
         self._bytes = 0
         self.disk_full = False
         self.closed = False
@@ -75,6 +78,12 @@ class MemorySpool:
     def last_sequence(self) -> int:
         return self._last_sequence
 
+    def reserved_sequence(self) -> int:
+        return self._reserved
+
+    def release_reservation(self) -> None:
+        self._reserved = self._last_sequence
+
     def first_sequence(self) -> int:
         return min(self.messages, default=0)
 
@@ -82,7 +91,11 @@ class MemorySpool:
         return {backend: dict(records) for backend, records in self.records.items()}
 
     def append(
-        self, messages: Sequence[OutgoingMessage], domains: DomainChanges | None = None
+        self,
+        messages: Sequence[OutgoingMessage],
+        domains: DomainChanges | None = None,
+        *,
+        reserve: int = 0,
     ) -> None:
         if not messages:
             return
@@ -94,9 +107,13 @@ class MemorySpool:
             for uuid in removed:
                 records.pop(uuid, None)
         for message in messages:
+            if message.sequence in self._confirmed_early:
+                self._confirmed_early.discard(message.sequence)
+                continue
             self.messages[message.sequence] = message
             self._bytes += stored_size(message)
         self._last_sequence = messages[-1].sequence
+        self._reserved = max(self._reserved, self._last_sequence + reserve)
 
     def after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
         later = sorted(s for s in self.messages if s > sequence)[:limit]
@@ -128,6 +145,8 @@ class MemorySpool:
         for message in messages:
             if self.messages.pop(message.sequence, None) is not None:
                 self._bytes -= stored_size(message)
+            elif message.sequence > self._last_sequence:
+                self._confirmed_early.add(message.sequence)
 
     def reclaim(self) -> None:
         """Nothing to checkpoint in memory."""

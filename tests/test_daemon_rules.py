@@ -335,17 +335,22 @@ def test_the_domain_records_are_spooled_with_the_messages_that_lead_to_them() ->
 
 
 def test_a_full_disk_holds_messages_and_spools_them_once_there_is_room() -> None:
+    """The batch whose commit fails was handed over alongside its commit; it is held and
+    committed once there is room, and nothing new is taken meanwhile."""
     one = ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a")})
-    daemon, spool, publisher = started(one)
+    daemon, spool, publisher = started(one, confirm_at_once=False)
     startup = len(publisher.submitted)
     spool.disk_full = True
     one.emit(paused(ONE, UUID_A, "a"))
     daemon.turn(STOPPED)
     one.emit(resumed(ONE, UUID_A, "a"))
     daemon.turn(STOPPED)
-    assert len(publisher.submitted) == startup, "held, not handed over unspooled"
+    assert [short(m) for m in publisher.submitted[startup:]] == ["domain.suspended"]
+    held = publisher.submitted[-1].sequence
+    assert held not in spool.messages
     spool.disk_full = False
     daemon.turn(STOPPED)
+    assert held in spool.messages, "spooled once there is room"
     assert [short(m) for m in publisher.submitted[startup:]] == ["domain.suspended"]
     daemon.turn(STOPPED)
     assert [short(m) for m in publisher.submitted[startup:]] == [
@@ -398,3 +403,85 @@ def test_health_names_each_backend_the_broker_and_the_spool() -> None:
         "spool": (False, "10 of 10 bytes"),
     }
     assert health_checks({}, True, 9, 10)["spool"] == (True, "9 of 10 bytes")
+
+
+class OrderedSpool(MemorySpool):
+    """Notes each commit in `log`, beside the publisher's submits: tells what went out
+    before its own commit."""
+
+    def __init__(self, log: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.log = log
+
+    def append(self, messages: Any, domains: Any = None, *, reserve: int = 0) -> None:
+        super().append(messages, domains, reserve=reserve)
+        if messages:
+            self.log.append(("commit", messages[-1].sequence))
+
+
+class OrderedPublisher(RecordingPublisher):
+    def __init__(self, spool: OrderedSpool) -> None:
+        super().__init__(spool)
+        self.log = spool.log
+
+    def submit(self, messages: Any) -> None:
+        batch = list(messages)
+        self.log.append(("submit", batch[-1].sequence))
+        super().submit(batch)
+
+
+def test_a_batch_goes_out_before_its_commit_only_within_the_reservation() -> None:
+    log: list[tuple[str, int]] = []
+    spool = OrderedSpool(log)
+    one = ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a")})
+    daemon = make_daemon([one], spool=spool, publisher=OrderedPublisher(spool))
+    daemon.begin()
+    startup = spool.last_sequence()
+    assert log == [("commit", startup), ("submit", startup)], "nothing reserved yet"
+    assert spool.reserved_sequence() == startup + 1000
+    log.clear()
+    one.emit(paused(ONE, UUID_A, "a"))
+    daemon.turn(STOPPED)
+    assert log == [("submit", startup + 1), ("commit", startup + 1)]
+
+
+def test_after_an_unclean_stop_no_sequence_or_seq_is_used_twice() -> None:
+    """A run killed after a commit leaves its reservation open: the next run continues
+    after it, says which numbers may be missing, and moves every domain's seq on."""
+    one = ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a")})
+    daemon, spool, publisher = started(one)
+    one.emit(paused(ONE, UUID_A, "a"))
+    daemon.turn(STOPPED)
+    last, reserved = spool.last_sequence(), spool.reserved_sequence()
+    seq = spool.records[ONE][UUID_A].seq
+    assert reserved > last
+    # Killed here: no finish(). The next run, on the same spool:
+    again = ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a", PAUSED)})
+    publisher = RecordingPublisher(spool, confirm_at_once=True)
+    make_daemon([again], spool=spool, publisher=publisher).begin()
+    first, *rest = publisher.submitted
+    assert short(first) == "publisher.dropped"
+    assert first.routing_key.endswith(".publisher.dropped.unclean_stop")
+    data = body(first)["data"]
+    assert (data["first_sequence"], data["last_sequence"]) == (last + 1, reserved)
+    assert data["count"] == reserved - last
+    assert first.sequence == reserved + 1
+    assert [m.sequence for m in rest] == list(range(reserved + 2, reserved + 2 + len(rest)))
+    domain_seqs = [body(m)["data"]["seq"] for m in rest if short(m).startswith("domain.")]
+    assert domain_seqs and min(domain_seqs) > seq + data["count"] - 1
+    assert spool.records[ONE][UUID_A].seq >= seq + data["count"], "written with the commit"
+
+
+def test_a_clean_stop_gives_the_reservation_back() -> None:
+    one = ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a")})
+    daemon, spool, _ = started(one)
+    one.emit(paused(ONE, UUID_A, "a"))
+    daemon.turn(STOPPED)
+    daemon.finish()
+    before = spool.last_sequence()
+    assert spool.reserved_sequence() == before
+    publisher = RecordingPublisher(spool, confirm_at_once=True)
+    make_daemon([ScriptedDriver(ONE, {UUID_A: facts(UUID_A, "a", PAUSED)})], spool=spool,
+                publisher=publisher).begin()  # fmt: skip
+    assert short(publisher.submitted[0]) == "publisher.capabilities"
+    assert publisher.submitted[0].sequence == before + 1

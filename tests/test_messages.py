@@ -27,7 +27,7 @@ MESSAGE_HASHES = {
     "Capabilities": "1.2-79d74024cd88171f",
     "Snapshot": "1.2-8a4bcfd8b091f5a6",
     "Backend": "1.0-99c9cb92820af5d7",
-    "Dropped": "1.0-7ef7f0bcacd003ba",
+    "Dropped": "1.1-7ef7f0bcacd003ba",
     "ConfigInvalid": "1.0-6b805a73e8b15259",
 }
 """Class name to `VERSION-<hash of its field names and types>`. Update a hash only together

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtpub.contract.envelope import OutgoingMessage, encode_properties
-from virtpub.daemon.spool import KEEP_TYPE, DroppedRange, Spool, stored_size
+from virtpub.daemon.spool import KEEP_TYPE, DroppedRange, Spool, SpoolError, stored_size
 
 
 def message(sequence: int, kind: str = "org.virtpub.domain.started") -> OutgoingMessage:
@@ -123,3 +123,64 @@ def test_an_append_takes_the_confirmations_along_in_its_own_transaction(
     assert left == [6, 7, 8]
     assert kept == [1]
     assert spool.used_bytes == sum(map(stored_size, second))
+
+
+def rows(tmp_path: Path) -> list[int]:
+    with sqlite3.connect(f"file:{tmp_path / 'spool.sqlite3'}?mode=ro", uri=True) as db:
+        return [row[0] for row in db.execute("SELECT sequence FROM messages ORDER BY 1")]
+
+
+def test_a_confirm_that_comes_before_the_commit_leaves_no_row(spool: Spool, tmp_path: Path) -> None:
+    """The daemon publishes while the commit runs: a message confirmed first is committed
+    and confirmed at once, so it is never written."""
+    batch = [message(n) for n in range(1, 6)]
+    spool.remove(batch[:3])
+    spool.append(batch)
+    assert rows(tmp_path) == [4, 5]
+    assert spool.used_bytes == sum(map(stored_size, batch[3:]))
+    assert spool.last_sequence() == 5
+
+
+def test_a_confirm_of_a_later_batch_waits_for_its_commit(spool: Spool, tmp_path: Path) -> None:
+    """The janitor sweeps while a confirmed row is not yet committed: the confirmation stays
+    listed, and the row still leaves once its append comes."""
+    spool.append([message(1)])
+    later = [message(2), message(3)]
+    spool.remove(later)
+    assert spool.count() == 1, "the janitor deleted nothing it could not see"
+    spool.append(later)
+    assert rows(tmp_path) == [1]
+    spool.remove([message(1)])
+    assert spool.count() == 0
+    assert spool.used_bytes == 0
+
+
+def test_each_commit_reserves_sequences_and_a_clean_close_gives_them_back(
+    tmp_path: Path,
+) -> None:
+    first = Spool(tmp_path / "spool.sqlite3")
+    first.append([message(1), message(2)], reserve=1000)
+    assert first.reserved_sequence() == 1002
+    first.close()
+    unclean = Spool(tmp_path / "spool.sqlite3")
+    assert (unclean.last_sequence(), unclean.reserved_sequence()) == (2, 1002), (
+        "a run that never gave its reservation back stopped uncleanly"
+    )
+    unclean.append([message(1003)], reserve=10)
+    unclean.release_reservation()
+    unclean.close()
+    clean = Spool(tmp_path / "spool.sqlite3")
+    assert (clean.last_sequence(), clean.reserved_sequence()) == (1003, 1003)
+    clean.close()
+
+
+def test_a_failed_commit_loses_no_confirmation(spool: Spool, tmp_path: Path) -> None:
+    """A transaction that fails puts the confirmations it took back: the next commit
+    deletes them."""
+    spool.JANITOR_PERIOD_S = 2.0  # the failing append, not the janitor, takes the confirmation
+    spool.append([message(1), message(2)])
+    spool.remove([message(1)])
+    with pytest.raises(SpoolError, match="cannot write"):
+        spool.append([message(2)])  # sequence 2 is already there: the commit fails
+    spool.append([message(3)])
+    assert rows(tmp_path) == [2, 3]

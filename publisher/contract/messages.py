@@ -282,13 +282,15 @@ class Backend(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Dropped(Message):
-    """`since` is already RFC 3339; the sequences only for spool_full."""
+    """`since` is already RFC 3339; the sequences for spool_full and unclean_stop."""
 
     SCHEMA: ClassVar[str] = schemas.PUBLISHER_DROPPED
-    VERSION: ClassVar[str] = "1.0"
+    VERSION: ClassVar[str] = "1.1"
     CHANGES: ClassVar[tuple[str, ...]] = (
         "1.0: events lost from a full queue or spool: reason, policy, count, events, backends,"
         " since, first and last sequence",
+        "1.1: reason unclean_stop: the sequences the last run may have published without"
+        " spooling them (events is empty: what they were is not known)",
     )
     ENTITY: ClassVar[str] = "publisher"
     EVENT: ClassVar[str] = "dropped"

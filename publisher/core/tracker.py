@@ -84,6 +84,13 @@ class Tracker:
         self._gone: dict[str, tuple[float, str, frozenset[str] | None]] = {}
         """UUID -> when it was found gone, by what origin, with which event types allowed."""
 
+    def skip_seqs(self, count: int) -> None:
+        """After an unclean stop, up to `count` messages may have reached consumers without
+        being committed: every domain's `seq` moves on by `count`, so none is used twice.
+        The records are written again with the next commit."""
+        self.records = {u: r._replace(seq=r.seq + count) for u, r in self.records.items()}
+        self._dirty.update(self.records)
+
     def take_changes(self) -> tuple[dict[str, Record], set[str]]:
         """Records changed since the last call, and UUIDs that no longer exist: what to persist."""
         changed = {u: self.records[u] for u in self._dirty if u in self.records}

@@ -16,7 +16,7 @@ from virtpub.core.event import BackendChange
 from virtpub.core.redact import redact_url
 from virtpub.daemon.spool import DroppedRange
 
-DropReason = Literal["queue_full", "spool_full"]
+DropReason = Literal["queue_full", "spool_full", "unclean_stop"]
 SnapshotReason = Literal["startup", "reconnect", "dropped", "requested"]
 
 
@@ -47,6 +47,21 @@ def dropped(
         since=rfc3339(tally.since),
         first_sequence=None if sequences is None else sequences.first,
         last_sequence=None if sequences is None else sequences.last,
+    )
+
+
+def unclean_stop(first: int, last: int, policy: str, known: frozenset[str], now: float) -> Dropped:
+    """The sequences the last run may have published without spooling them: consumers hold
+    some of them or none; the startup snapshot follows."""
+    return Dropped(
+        reason="unclean_stop",
+        policy=policy,
+        count=last - first + 1,
+        events={},
+        backends=tuple(sorted(known)),
+        since=rfc3339(now),
+        first_sequence=first,
+        last_sequence=last,
     )
 
 

@@ -116,6 +116,7 @@ class Daemon:
         """Resumes from the spool, starts the drivers and the broker, publishes the startup
         capabilities and snapshots."""
         self._pipeline.resume(self._drivers)
+        self._report_unclean_stop()
         # Backends first, each listed right after it subscribed: events that arrive
         # while the broker is still being reached wait in the queue, behind the
         # capabilities message and the snapshot built from these listings.
@@ -175,7 +176,8 @@ class Daemon:
         self._notifier.stopping()
         for driver in self._running:
             driver.stop()
-        self._flush()
+        if self._flush():
+            self._release_reservation()
         broker, spool = self.broker, self._spool
         drained = broker.drain(DRAIN_TIMEOUT_S)
         broker.stop()
@@ -247,12 +249,31 @@ class Daemon:
         message = announcements.capabilities(self.settings.host_id, self.drivers)
         self._responder.answer = self._pipeline.add_publisher(message, self._clock.wall()).body
 
-    def _flush(self) -> None:
-        """Spools what drivers queued before they stopped, so nothing accepted is lost."""
+    def _report_unclean_stop(self) -> None:
+        unclean = self._pipeline.unclean_stop
+        if unclean is None:
+            return
+        message = announcements.unclean_stop(
+            unclean.first, unclean.last, self._overflow.policy, self._backends, self._clock.wall()
+        )
+        self._pipeline.add_publisher(message, self._clock.wall())
+
+    def _flush(self) -> bool:
+        """Spools what drivers queued before they stopped, so nothing accepted is lost;
+        False if something could not be spooled."""
         try:
             if not self._pipeline.commit_held():  # what a full disk held back, first
-                return
+                return False
             self._take_queued(INBOX_LIMIT)
             self._pipeline.commit()
         except SpoolError as err:
             log.error("could not spool queued events at shutdown: %s", err)
+            return False
+        return not self._pipeline.holding
+
+    def _release_reservation(self) -> None:
+        """A clean stop: the next start continues right after the last sequence."""
+        try:
+            self._pipeline.release()
+        except SpoolError as err:
+            log.error("could not mark the stop as clean (the next start reports a gap): %s", err)

@@ -15,6 +15,14 @@ applies the full-spool policy. Messages the broker returned as unroutable even
 through the alternate exchange are kept in a table of their own, for the
 operator, instead of vanishing with their ack.
 
+The daemon hands a message to the broker while its commit runs, so a confirm can come
+before the commit: the row leaves only once it is both committed and confirmed (a
+confirmation of a row not yet committed waits for that commit, and an append skips the
+rows already confirmed). So that no sequence number is ever given twice, each commit also
+reserves the numbers the next batch may put on the wire before its own commit
+(`reserved_sequence`); a clean close gives the unused ones back. A reservation still
+open at the next start means the last run ended without a clean stop.
+
 Confirmed messages are deleted by a janitor thread of the spool's own, in
 batches and without fsync: the AMQP I/O thread never waits for the disk, and a
 delete lost to a power cut only means a resend (with the same id) of a message
@@ -134,6 +142,11 @@ class DroppedRange:
         return merged
 
 
+Confirmation = tuple[int, int]
+"""(sequence, stored size) of a message the broker confirmed."""
+Returned = tuple[OutgoingMessage, int, str, float]
+"""A message the broker returned: reply code, reply text, and when."""
+
 DomainChanges = Mapping[str, tuple[Mapping[str, Record], AbstractSet[str]]]
 """Per backend: the records that changed and the UUIDs that no longer exist."""
 
@@ -157,7 +170,7 @@ class Spool:
         self._lock = threading.Lock()
         self._confirmed: list[tuple[int, int]] = []
         """(sequence, stored size) of confirmed messages the janitor has yet to delete."""
-        self._returned: list[tuple[OutgoingMessage, int, str, float]] = []
+        self._returned: list[Returned] = []
         self._confirmed_lock = threading.Lock()
         self._janitor_lock = threading.Lock()
         self._deleted = 0
@@ -173,6 +186,9 @@ class Spool:
             self._db.executescript(_SCHEMA)
             row = self._db.execute(f"SELECT TOTAL({_STORED_SIZE_SQL}) FROM messages").fetchone()
             self._bytes = int(row[0])
+            self._committed = self._meta("sequence", 0)
+            """The last sequence committed: confirmations beyond it wait for their commit."""
+            self._reserved = max(self._meta("reserved", 0), self._committed)
             self._checkpointer = self._connect("FULL")
         except (OSError, sqlite3.Error) as err:
             raise SpoolError(f"spool: cannot open {str(path)!r}: {err}") from err
@@ -191,10 +207,23 @@ class Spool:
         """What the unconfirmed messages take, by `stored_size`."""
         return self._bytes
 
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
     def last_sequence(self) -> int:
+        """The last sequence committed."""
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()
-        return int(row[0]) if row else 0
+            return self._committed
+
+    def reserved_sequence(self) -> int:
+        """The last sequence the daemon may have put on the wire before committing it.
+
+        Above `last_sequence` only while a run is going, or after a run that did not
+        stop cleanly: the numbers between may have reached consumers, or never existed.
+        """
+        with self._lock:
+            return self._reserved
 
     def after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
         """Up to `limit` unconfirmed messages that follow `sequence`, in original order."""
@@ -221,37 +250,71 @@ class Spool:
         return result
 
     def append(
-        self, messages: Sequence[OutgoingMessage], domains: DomainChanges | None = None
+        self,
+        messages: Sequence[OutgoingMessage],
+        domains: DomainChanges | None = None,
+        *,
+        reserve: int = 0,
     ) -> None:
+        """Commits `messages` with the domain records they lead to, in one transaction (one
+        fsync), and reserves the `reserve` sequences that follow them.
+
+        A message the broker confirmed before this commit is not written at all: its
+        row would leave in the same transaction. Confirmations of earlier rows are
+        deleted along, so in a burst they cost no transaction of their own.
+        """
         if not messages:
             return
-        with self._transaction():
-            for backend, (changed, removed) in (domains or {}).items():
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (backend, uuid, r.name, int(r.persistent), r.state.state,
-                         r.state.reason, r.state.state_code, r.state.reason_code, r.seq)
-                        for uuid, r in changed.items()
-                    ],
-                )  # fmt: skip
-                self._db.executemany(
-                    "DELETE FROM domains WHERE backend = ? AND uuid = ?",
-                    [(backend, uuid) for uuid in removed],
-                )
-            self._db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (m[:7] for m in messages)
-            )
-            self._db.execute(
-                "INSERT INTO meta VALUES ('sequence', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (messages[-1].sequence,),
-            )
-            freed, settled = self._forget_confirmed()
-        self._settle(*settled)
-        size = sum(map(stored_size, messages))
+        first, last = messages[0].sequence, messages[-1].sequence
         with self._lock:
-            self._bytes += size - freed
+            confirmed, returned = self._take_settled()
+            done = [(s, size) for s, size in confirmed if s <= self._committed]
+            early = {s for s, _ in confirmed if first <= s <= last}
+            later = [(s, size) for s, size in confirmed if s > last]
+            fresh = [m for m in messages if m.sequence not in early]
+            reserved = max(self._reserved, last + reserve)
+            try:
+                self._db.execute("BEGIN")
+                self._write_domains(domains or {})
+                self._db.executemany(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (m[:7] for m in fresh)
+                )
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    [("sequence", last), ("reserved", reserved)],
+                )
+                self._forget(done, returned)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as err:
+                self._put_back(confirmed, returned)
+                raise self._write_error(err) from err
+            self._put_back(later, [])
+            self._committed, self._reserved = last, reserved
+            self._bytes += sum(map(stored_size, fresh)) - sum(size for _, size in done)
+            self._deleted += len(done) + len(early)
+
+    def release_reservation(self) -> None:
+        """At a clean stop, with every accepted message committed: the sequences reserved
+        and never used are given back, so the next start continues without a gap."""
+        with self._transaction():
+            self._db.execute("UPDATE meta SET value=? WHERE key='reserved'", (self._committed,))
+            self._reserved = self._committed
+
+    def _write_domains(self, domains: DomainChanges) -> None:
+        for backend, (changed, removed) in domains.items():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (backend, uuid, r.name, int(r.persistent), r.state.state,
+                     r.state.reason, r.state.state_code, r.state.reason_code, r.seq)
+                    for uuid, r in changed.items()
+                ],
+            )  # fmt: skip
+            self._db.executemany(
+                "DELETE FROM domains WHERE backend = ? AND uuid = ?",
+                [(backend, uuid) for uuid in removed],
+            )
 
     def drop_oldest(self, after: int, need: int) -> list[DroppedRange]:
         """Deletes the oldest messages following `after` until `need` bytes are free.
@@ -345,17 +408,27 @@ class Spool:
             return
         try:
             with self._lock:
+                confirmed, returned = self._take_settled()
+                done = [(s, size) for s, size in confirmed if s <= self._committed]
+                waiting = [(s, size) for s, size in confirmed if s > self._committed]
+                if not done and not returned:
+                    self._put_back(waiting, [])
+                    return
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
                     self._db.execute("BEGIN")
-                    freed, settled = self._forget_confirmed()
+                    self._forget(done, returned)
                     self._db.execute("COMMIT")
-                    self._bytes -= freed
+                except sqlite3.Error:
+                    self._put_back(confirmed, returned)
+                    raise
                 finally:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     self._db.execute("PRAGMA synchronous=FULL")
-            self._settle(*settled)
+                self._put_back(waiting, [])
+                self._bytes -= sum(size for _, size in done)
+                self._deleted += len(done)
         except sqlite3.Error as err:
             # The confirmations stay listed, and the next sweep or append tries again.
             self._janitor_failed("could not delete confirmed messages", err)
@@ -370,36 +443,32 @@ class Spool:
             self._janitor_failing = True
             log.warning("spool: %s: %s; trying again", what, err)
 
-    def _forget_confirmed(self) -> tuple[int, tuple[int, int]]:
-        """In the caller's transaction: keeps what the broker returned, deletes what it
-        confirmed, and says how many bytes that frees once committed, and how many of
-        each list to `_settle` then (until the commit, they stay listed: a transaction
-        that fails, on a full disk say, loses none of them).
-
-        Appends call it too, so that in a burst confirmations cost no transaction of
-        their own; returned copies are stored first, in the same transaction.
-        """
+    def _take_settled(self) -> tuple[list[Confirmation], list[Returned]]:
+        """What the I/O thread listed as confirmed and returned, taken whole: a transaction
+        that fails (on a full disk, say) puts it back (`_put_back`), so none is lost."""
         with self._confirmed_lock:
-            batch, returned = list(self._confirmed), list(self._returned)
+            confirmed, self._confirmed = self._confirmed, []
+            returned, self._returned = self._returned, []
+        return confirmed, returned
+
+    def _put_back(self, confirmed: list[Confirmation], returned: list[Returned]) -> None:
+        with self._confirmed_lock:
+            self._confirmed[:0] = confirmed
+            self._returned[:0] = returned
+
+    def _forget(self, confirmed: list[Confirmation], returned: list[Returned]) -> None:
+        """In the caller's transaction: keeps what the broker returned, then deletes what it
+        confirmed (returned copies first: the ack of a returned message follows its return)."""
         if returned:
             self._db.executemany(
                 "INSERT OR REPLACE INTO returned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*m[:7], code, text, at) for m, code, text, at in returned],
             )
-        if batch:
+        if confirmed:
             self._db.executemany(
                 "DELETE FROM messages WHERE sequence BETWEEN ? AND ?",
-                _ranges(sorted(s for s, _ in batch)),
+                _ranges(sorted(s for s, _ in confirmed)),
             )
-        return sum(size for _, size in batch), (len(batch), len(returned))
-
-    def _settle(self, confirmed: int, returned: int) -> None:
-        """After the commit: the first `confirmed` and `returned` entries are on disk now."""
-        with self._confirmed_lock:
-            del self._confirmed[:confirmed]
-            del self._returned[:returned]
-        with self._lock:
-            self._deleted += confirmed
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -410,13 +479,17 @@ class Spool:
                 yield
                 self._db.execute("COMMIT")
             except sqlite3.Error as err:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    raise SpoolDiskFullError(
-                        f"spool: the filesystem of {str(self.path.parent)!r} is full: {err}"
-                    ) from err
-                raise SpoolError(f"spool: cannot write {str(self.path)!r}: {err}") from err
+                raise self._write_error(err) from err
+
+    def _write_error(self, err: sqlite3.Error) -> SpoolError:
+        """Rolls back the failed transaction; the error to raise, for the operator."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return SpoolDiskFullError(
+                f"spool: the filesystem of {str(self.path.parent)!r} is full: {err}"
+            )
+        return SpoolError(f"spool: cannot write {str(self.path)!r}: {err}")
 
     def reclaim(self) -> None:
         """After a full disk: deletes what is confirmed, then checkpoints and truncates the
