@@ -2,17 +2,25 @@
 
     python bench/publish.py [--amqp-url URL] [--messages N] [--plot latency.png]
 
-In one run against one broker, each part in a process of its own:
+In one run against one broker, each part in a process of its own, on a classic queue
+and then on a quorum queue (the type deploy/definitions.json gives orchestrators):
 
-- limit: a minimal pika SelectConnection publisher, pipelined confirms with a
-  window of 1,000, persistent ~300-byte messages to a durable queue;
-- virtpub: the synthetic driver's events through the whole path (hand-off,
-  model, envelope, spool with its fsyncs, publish, confirm), as fast as it goes;
-- latency: the same path at a fixed 1,000 events/s, from the driver's hand-off
-  to the broker's ack, p50 and p99; and virtpub's peak RSS.
+- limit: a minimal pika SelectConnection publisher, pipelined confirms with a window of
+  1,000, persistent ~300-byte messages to a durable queue; then the same limit sending
+  virtpub's message shape (its body and AMQP properties);
+- virtpub: the synthetic driver's events through the whole path (hand-off, model,
+  envelope, spool with its fsyncs, publish, confirm), as fast as it goes;
+- for each: the throughput, the CPU seconds the publishing process spent per 1,000
+  messages, and the latency at a fixed 1,000 events/s with the queue consumed, from
+  the hand-off (the limit: the publish) to the broker's ack, p50 and p99; virtpub's
+  latency split into its stages, and its peak RSS.
 
-It ends with one line: ratio=<r> virtpub=<msg/s> limit=<msg/s> p99_ms=<ms> rss_mb=<mb>
-Targets on the 2-core machine kind: ratio >= 0.8, p99 < 5 ms, RSS < 80 MB.
+It ends with one line:
+shape_ratio=<virtpub msg/s / same-shape limit msg/s> p99_ratio=<virtpub p99 / the limit's
+p99> cpu_ratio=<virtpub CPU per message / the limit's> virtpub=<msg/s> limit=<msg/s>
+p99_ms=<ms> rss_mb=<mb>, for the classic queue.
+Targets on the 2-core machine kind: shape_ratio >= 0.95, p99_ratio <= 1.5, p50 within
+0.5 ms of the limit's, cpu_ratio <= 2.0, RSS < 80 MB.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 import pika
 
+from virtpub.amqp import broker as broker_module
 from virtpub.config import Settings
 from virtpub.contract.envelope import Envelope, OutgoingMessage
 from virtpub.core.event import GONE
@@ -41,6 +50,8 @@ from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BODY = json.dumps({"pad": "x" * 270}).encode()  # ~300 bytes, like a domain event
+RATE = 1000.0
+QUEUE_TYPES = ("classic", "quorum")
 
 
 class Drainer:
@@ -79,56 +90,113 @@ def _drain(url: str, queue: str, ready: Any, stop: Any) -> None:
     connection.close()
 
 
-def limit_latency(url: str, seconds: float, rate: float = 1000.0) -> dict[str, float]:
-    """The reference latency: the same minimal publisher, one message every 1/rate s."""
-    exchange = f"bench-limit-latency-{uuid.uuid4().hex[:8]}"
-    _bind_queue(url, exchange)
-    total = int(rate * seconds)
-    sent: dict[int, float] = {}
-    latencies: list[float] = []
-    state: dict[str, Any] = {"next": 0}
-
-    def tick() -> None:
-        n = state["next"]
-        if n >= total:
-            return
-        state["next"] = n + 1
-        sent[n + 1] = time.perf_counter()
-        state["channel"].basic_publish(
-            exchange, "bench", BODY, pika.BasicProperties(delivery_mode=2), mandatory=True
-        )
-        due = state["begun"] + (n + 1) / rate - time.perf_counter()
-        state["connection"].ioloop.call_later(max(due, 0.0), tick)
-
-    def on_confirm(frame: Any) -> None:
-        now, tag = time.perf_counter(), frame.method.delivery_tag
-        for t in [t for t in sent if t <= tag] if frame.method.multiple else [tag]:
-            latencies.append((now - sent.pop(t)) * 1000)
-        if len(latencies) >= total:
-            state["connection"].close()
-
-    def on_channel(channel: Any) -> None:
-        state["channel"] = channel
-
-        def go(_frame: Any) -> None:
-            state["begun"] = time.perf_counter()
-            tick()
-
-        channel.confirm_delivery(on_confirm, callback=go)
-
-    connection = pika.SelectConnection(
-        pika.URLParameters(url),
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda c, _r: c.ioloop.stop(),
-    )
-    state["connection"] = connection
-    with Drainer(url, exchange):
-        connection.ioloop.start()
-    _cleanup(url, exchange, queue=exchange)
-    latencies.sort()
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies_ms)
     return {
-        "p50_ms": latencies[len(latencies) // 2],
-        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "p50_ms": ordered[len(ordered) // 2],
+        "p99_ms": ordered[int(len(ordered) * 0.99)],
+    }
+
+
+class LimitPublisher:
+    """The reference: as little code as pika needs for pipelined confirmed publishing, either
+    as fast as it goes (`flood`) or one message every 1/RATE s (`paced`)."""
+
+    def __init__(
+        self, url: str, exchange: str, body: bytes, properties: pika.BasicProperties
+    ) -> None:
+        self.url, self.exchange, self.body, self.properties = url, exchange, body, properties
+        self.window = 1000
+        self.sent: dict[int, float] = {}
+        self.latencies_ms: list[float] = []
+        self.total = 0
+        self.paced = False
+        self.begun = 0.0
+        self.connection: Any = None
+        self.channel: Any = None
+
+    def run(self, total: int, *, paced: bool) -> float:
+        """Publishes `total` messages; returns the seconds from the first to the last ack."""
+        self.total, self.paced = total, paced
+        self.sent.clear()
+        self.latencies_ms.clear()
+        self.connection = pika.SelectConnection(
+            pika.URLParameters(self.url),
+            on_open_callback=self.on_connection_open,
+            on_close_callback=lambda c, _r: c.ioloop.stop(),
+        )
+        self.connection.ioloop.start()
+        return time.perf_counter() - self.begun
+
+    def on_connection_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self.on_channel_open)
+
+    def on_channel_open(self, channel: Any) -> None:
+        self.channel = channel
+        channel.confirm_delivery(self.on_confirm, callback=self.on_confirm_mode)
+
+    def on_confirm_mode(self, _frame: Any) -> None:
+        self.begun = time.perf_counter()
+        if self.paced:
+            self.tick()
+        else:
+            self.pump()
+
+    def publish(self) -> None:
+        tag = len(self.sent) + len(self.latencies_ms) + 1  # published so far, plus this one
+        self.sent[tag] = time.perf_counter()
+        self.channel.basic_publish(
+            self.exchange, "bench", self.body, self.properties, mandatory=True
+        )
+
+    def pump(self) -> None:
+        while len(self.sent) + len(self.latencies_ms) < self.total and len(self.sent) < self.window:
+            self.publish()
+
+    def tick(self) -> None:
+        n = len(self.sent) + len(self.latencies_ms)
+        if n >= self.total:
+            return
+        self.publish()
+        due = self.begun + (n + 1) / RATE - time.perf_counter()
+        self.connection.ioloop.call_later(max(due, 0.0), self.tick)
+
+    def on_confirm(self, frame: Any) -> None:
+        now, tag = time.perf_counter(), frame.method.delivery_tag
+        for t in [t for t in self.sent if t <= tag] if frame.method.multiple else [tag]:
+            self.latencies_ms.append((now - self.sent.pop(t)) * 1000)
+        if len(self.latencies_ms) >= self.total:
+            self.connection.close()
+        elif not self.paced:
+            self.pump()
+
+
+def limit(
+    url: str,
+    count: int,
+    seconds: float,
+    queue_type: str,
+    *,
+    shape: tuple[bytes, pika.BasicProperties] | None = None,
+) -> dict[str, float]:
+    """The limit's throughput, CPU per 1,000 messages and latency at RATE, on a fresh queue;
+    `shape` is a body and properties to send instead of the plain ones."""
+    body, properties = shape or (BODY, pika.BasicProperties(delivery_mode=2))
+    exchange = f"bench-limit-{uuid.uuid4().hex[:8]}"
+    _bind_queue(url, exchange, queue_type)
+    publisher = LimitPublisher(url, exchange, body, properties)
+    cpu = time.process_time()
+    elapsed = publisher.run(count, paced=False)
+    cpu = time.process_time() - cpu
+    _purge(url, exchange)
+    time.sleep(1.0)
+    with Drainer(url, exchange):
+        publisher.run(int(RATE * seconds), paced=True)
+    _cleanup(url, exchange, queue=exchange)
+    return {
+        "msgs_per_s": count / elapsed,
+        "cpu_ms_per_1000": cpu / count * 1e6,
+        **percentiles(publisher.latencies_ms),
     }
 
 
@@ -144,70 +212,61 @@ def virtpub_shape() -> tuple[bytes, pika.BasicProperties]:
     return message.body, properties
 
 
-def limit(
-    url: str, count: int, body: bytes = BODY, properties: pika.BasicProperties | None = None
-) -> dict[str, float]:
-    """The reference: as little code as pika needs for pipelined confirmed publishing."""
-    properties = properties or pika.BasicProperties(delivery_mode=2)
-    exchange = f"bench-limit-{uuid.uuid4().hex[:8]}"
-    window, sent, acked = 1000, 0, 0
-    started = 0.0
-    done = threading.Event()
-    state: dict[str, Any] = {}
+class StageClock:
+    """Where a message's latency goes, per sequence: virtpub's own calls wrapped, in this
+    bench only, for the latency phase (each wrap costs a dict store per message)."""
 
-    def pump() -> None:
-        nonlocal sent
-        channel = state["channel"]
-        while sent < count and sent - acked < window:
-            channel.basic_publish(exchange, "bench", body, properties, mandatory=True)
-            sent += 1
+    def __init__(self) -> None:
+        self.submitted: dict[int, float] = {}
+        self.written: dict[int, float] = {}
+        self.commits_ms: list[float] = []
+        self.early = 0
+        """Messages handed to the broker before their commit began."""
 
-    def on_confirm(frame: Any) -> None:
-        nonlocal acked
-        acked = frame.method.delivery_tag
-        if acked >= count:
-            done.set()
-            state["connection"].close()
-        else:
-            pump()
+    def install(self, daemon: Any) -> None:
+        broker, spool = daemon.broker, daemon._spool  # the bench looks inside
+        submit, append, write = broker.submit, spool.append, broker_module.frames.write_publishes
 
-    def on_queue_bound(_frame: Any) -> None:
-        nonlocal started
-        state["channel"].confirm_delivery(on_confirm)
-        started = time.perf_counter()
-        pump()
+        def timed_submit(messages: Any) -> None:
+            batch = list(messages)
+            now = time.perf_counter()
+            self.submitted.update((m.sequence, now) for m in batch)
+            submit(batch)
 
-    def on_channel(channel: Any) -> None:
-        state["channel"] = channel
-        channel.exchange_declare(
-            exchange,
-            "topic",
-            durable=True,
-            callback=lambda _f: channel.queue_declare(
-                exchange,
-                durable=True,
-                callback=lambda _q: channel.queue_bind(
-                    exchange, exchange, "#", callback=on_queue_bound
-                ),
-            ),
-        )
+        def timed_append(messages: Any, *args: Any, **kwargs: Any) -> None:
+            self.early += sum(m.sequence in self.submitted for m in messages)
+            begun = time.perf_counter()
+            append(messages, *args, **kwargs)
+            self.commits_ms.append((time.perf_counter() - begun) * 1000)
 
-    connection = pika.SelectConnection(
-        pika.URLParameters(url),
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda c, _r: c.ioloop.stop(),
-    )
-    state["connection"] = connection
-    connection.ioloop.start()
-    elapsed = time.perf_counter() - started
-    _cleanup(url, exchange, queue=exchange)
-    return {"msgs_per_s": count / elapsed}
+        def timed_write(connection: Any, channel: int, exchange: str, batch: Any) -> None:
+            now = time.perf_counter()
+            self.written.update((m.sequence, now) for m in batch)
+            write(connection, channel, exchange, batch)
+
+        broker.submit, spool.append = timed_submit, timed_append
+        broker_module.frames.write_publishes = timed_write  # type: ignore[assignment]
+
+    def stages(
+        self, handoffs: dict[int, float], acks: dict[int, float]
+    ) -> dict[str, dict[str, float]]:
+        """p50 and p99 of each stage: hand-off to submit (the daemon thread: queue, model,
+        envelope), submit to socket (the I/O thread's wake-up), socket to ack (the broker)."""
+        spans: dict[str, list[float]] = {"daemon": [], "io_wakeup": [], "broker": []}
+        for sequence, handed in handoffs.items():
+            submitted, written = self.submitted[sequence], self.written[sequence]
+            spans["daemon"].append((submitted - handed) * 1000)
+            spans["io_wakeup"].append((written - submitted) * 1000)
+            spans["broker"].append((acks[sequence] - written) * 1000)
+        result = {name: percentiles(values) for name, values in spans.items()}
+        result["commit"] = percentiles(self.commits_ms)
+        return result
 
 
-def virtpub(url: str, count: int, latency_seconds: float) -> dict[str, Any]:
+def virtpub(url: str, count: int, latency_seconds: float, queue_type: str) -> dict[str, Any]:
     """The whole path, in this process: a daemon with the synthetic driver."""
     exchange = f"bench-virtpub-{uuid.uuid4().hex[:8]}"
-    _bind_queue(url, exchange)
+    _bind_queue(url, exchange, queue_type)
     confirmed: list[tuple[int, float]] = []
     lock = threading.Lock()
 
@@ -241,37 +300,42 @@ def virtpub(url: str, count: int, latency_seconds: float) -> dict[str, Any]:
             base, startup = max(s for s, _ in confirmed), len(confirmed)
 
         # Throughput: hand everything off at once, as an evacuation would.
+        cpu = time.process_time()
         started = time.perf_counter()
         for _ in range(count):
             driver.emit_one()
         _wait_for(lambda: len(confirmed) >= startup + count)
         throughput = count / (time.perf_counter() - started)
+        cpu = time.process_time() - cpu
         _purge(url, exchange)
         time.sleep(2.0)  # let the spool's janitor and the broker's disk catch up
 
         # Latency at a fixed rate: hand-off to ack, per message, the queue being consumed.
-        handoffs: list[float] = []
+        clock = StageClock()
+        clock.install(daemon)
+        handoffs: dict[int, float] = {}
         first = base + count + 1
-        rate = 1000.0
         with Drainer(url, exchange):
             begun = time.perf_counter()
-            for n in range(int(rate * latency_seconds)):
-                delay = begun + n / rate - time.perf_counter()
+            for n in range(int(RATE * latency_seconds)):
+                delay = begun + n / RATE - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                handoffs.append(time.perf_counter())
+                handoffs[first + n] = time.perf_counter()
                 driver.emit_one()
             _wait_for(lambda: len(confirmed) >= startup + count + len(handoffs))
         stop.set()
         runner.join(30)
     _cleanup(url, exchange, queue=exchange)
     acks = dict(confirmed)
-    latencies = sorted((acks[first + i] - handoff) * 1000 for i, handoff in enumerate(handoffs))
+    latencies = [(acks[sequence] - handed) * 1000 for sequence, handed in handoffs.items()]
     return {
         "msgs_per_s": throughput,
-        "p50_ms": latencies[len(latencies) // 2],
-        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "cpu_ms_per_1000": cpu / count * 1e6,
+        **percentiles(latencies),
         "latencies_ms": latencies,
+        "stages": clock.stages(handoffs, acks),
+        "early_share": clock.early / len(handoffs),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -284,11 +348,11 @@ def _wait_for(condition: Any, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-def _bind_queue(url: str, exchange: str) -> None:
+def _bind_queue(url: str, exchange: str, queue_type: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     channel.exchange_declare(exchange, "topic", durable=True)
-    channel.queue_declare(exchange, durable=True)
+    channel.queue_declare(exchange, durable=True, arguments={"x-queue-type": queue_type})
     channel.queue_bind(exchange, exchange, "#")
     connection.close()
 
@@ -310,10 +374,11 @@ def _cleanup(url: str, exchange: str, queue: str) -> None:
     connection.close()
 
 
-def _child(part: str, url: str, count: int, seconds: float) -> dict[str, Any]:
+def _child(part: str, url: str, count: int, seconds: float, queue_type: str) -> dict[str, Any]:
     output = subprocess.run(
         [sys.executable, __file__, "--part", part, "--amqp-url", url,
-         "--messages", str(count), "--latency-seconds", str(seconds)],
+         "--messages", str(count), "--latency-seconds", str(seconds),
+         "--queue-type", queue_type],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return dict(json.loads(output.strip().splitlines()[-1]))
@@ -341,6 +406,30 @@ def _plot(latencies: list[float], path: Path, p50: float, p99: float) -> None:
     print(f"plot: {path}")
 
 
+def report(queue_type: str, ref: dict[str, Any], ours: dict[str, Any]) -> dict[str, float]:
+    """Prints one queue type's figures; returns its ratios."""
+    plain, shaped = ref["plain"], ref["shaped"]
+    ratios = {
+        "shape_ratio": ours["msgs_per_s"] / shaped["msgs_per_s"],
+        "p99_ratio": ours["p99_ms"] / plain["p99_ms"],
+        "cpu_ratio": ours["cpu_ms_per_1000"] / plain["cpu_ms_per_1000"],
+    }
+    print(f"{queue_type} queue:")
+    print("                    msg/s   CPU ms/1000 msgs   p50 ms   p99 ms  (at 1,000/s)")
+    for name, figures in (("limit", plain), ("limit, our shape", shaped), ("virtpub", ours)):
+        print(f"  {name:<17}{figures['msgs_per_s']:>7,.0f}   {figures['cpu_ms_per_1000']:>16.0f}"
+              f"   {figures['p50_ms']:>6.2f}   {figures['p99_ms']:>6.2f}")  # fmt: skip
+    stages = ours["stages"]
+    print("  virtpub's stages, p50/p99 ms: "
+          + ", ".join(f"{name} {v['p50_ms']:.2f}/{v['p99_ms']:.2f}" for name, v in stages.items())
+          + f"; {ours['early_share']:.0%} sent before their commit")  # fmt: skip
+    print(f"  shape_ratio {ratios['shape_ratio']:.2f} (>= 0.95), p99_ratio"
+          f" {ratios['p99_ratio']:.2f} (<= 1.5), p50 +{ours['p50_ms'] - plain['p50_ms']:.2f} ms"
+          f" (<= 0.5), cpu_ratio {ratios['cpu_ratio']:.2f} (<= 2.0),"
+          f" peak RSS {ours['rss_mb']:.1f} MB (< 80)")  # fmt: skip
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--amqp-url", default=AMQP_URL)
@@ -348,38 +437,31 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--plot", type=Path, help="write the latency histogram as PNG here")
     parser.add_argument("--part", choices=["limit", "virtpub"], help=argparse.SUPPRESS)
+    parser.add_argument("--queue-type", choices=QUEUE_TYPES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    url, count, seconds = args.amqp_url, args.messages, args.latency_seconds
     if args.part == "limit":
-        reference = limit(args.amqp_url, args.messages)
-        body, properties = virtpub_shape()
-        shaped = limit(args.amqp_url, args.messages, body, properties)
-        reference.update(shaped_msgs_per_s=shaped["msgs_per_s"], shaped_body_bytes=len(body))
-        reference.update(limit_latency(args.amqp_url, args.latency_seconds))
-        print(json.dumps(reference))
+        print(json.dumps({
+            "plain": limit(url, count, seconds, args.queue_type),
+            "shaped": limit(url, count, seconds, args.queue_type, shape=virtpub_shape()),
+        }))  # fmt: skip
         return
     if args.part == "virtpub":
-        print(json.dumps(virtpub(args.amqp_url, args.messages, args.latency_seconds)))
+        print(json.dumps(virtpub(url, count, seconds, args.queue_type)))
         return
-    ref = _child("limit", args.amqp_url, args.messages, args.latency_seconds)
-    ours = _child("virtpub", args.amqp_url, args.messages, args.latency_seconds)
-    ratio = ours["msgs_per_s"] / ref["msgs_per_s"]
-    print(f"limit:   {ref['msgs_per_s']:>9,.0f} msg/s  (pika, pipelined confirms, window 1000)")
-    print(f"virtpub: {ours['msgs_per_s']:>9,.0f} msg/s  (synthetic driver, whole path)")
-    print(f"ratio:   {ratio:.2f}   (target >= 0.8)")
-    shaped = ref["shaped_msgs_per_s"]
-    print(f"  the limit sending virtpub's message shape ({ref['shaped_body_bytes']}-byte body,"
-          f" its AMQP properties): {shaped:,.0f} msg/s, {shaped / ref['msgs_per_s']:.2f} of"
-          f" the limit; virtpub reaches {ours['msgs_per_s'] / shaped:.2f} of it")  # fmt: skip
-    print(f"latency at 1,000 ev/s: p50 {ours['p50_ms']:.2f} ms, p99 {ours['p99_ms']:.2f} ms"
-          " (target p99 < 5 ms)")  # fmt: skip
-    print(f"  the limit's own, publish to ack: p50 {ref['p50_ms']:.2f} ms,"
-          f" p99 {ref['p99_ms']:.2f} ms")  # fmt: skip
-    print(f"peak RSS: {ours['rss_mb']:.1f} MB (target < 80 MB)")
+    results = {}
+    for queue_type in QUEUE_TYPES:
+        ref = _child("limit", url, count, seconds, queue_type)
+        ours = _child("virtpub", url, count, seconds, queue_type)
+        results[queue_type] = (ref, ours, report(queue_type, ref, ours))
+    ref, ours, ratios = results["classic"]
     if args.plot:
         _plot(ours["latencies_ms"], args.plot, ours["p50_ms"], ours["p99_ms"])
     print(
-        f"ratio={ratio:.2f} virtpub={ours['msgs_per_s']:.0f} limit={ref['msgs_per_s']:.0f}"
-        f" p99_ms={ours['p99_ms']:.2f} rss_mb={ours['rss_mb']:.1f}"
+        f"shape_ratio={ratios['shape_ratio']:.2f} p99_ratio={ratios['p99_ratio']:.2f}"
+        f" cpu_ratio={ratios['cpu_ratio']:.2f} virtpub={ours['msgs_per_s']:.0f}"
+        f" limit={ref['plain']['msgs_per_s']:.0f} p99_ms={ours['p99_ms']:.2f}"
+        f" rss_mb={ours['rss_mb']:.1f}"
     )
 
 
