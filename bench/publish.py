@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -37,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 
@@ -210,6 +213,51 @@ def virtpub_shape() -> tuple[bytes, pika.BasicProperties]:
     properties = pika.BasicProperties()
     properties.decode(message.properties)
     return message.body, properties
+
+
+def broker_cpu_s(url: str) -> float | None:
+    """CPU seconds the broker process listening on the URL's port has used, if it is local."""
+    port = urlsplit(url).port or 5672
+    listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+    match = re.search(r"pid=(\d+)", listing)
+    if match is None:
+        return None
+    fields = Path(f"/proc/{match.group(1)}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shape_costs(url: str, count: int) -> list[dict[str, Any]]:
+    """The limit sending virtpub's message a piece at a time: its body alone, then with the
+    AMQP properties, then with the headers; per step, the limit's and the broker's CPU per
+    1,000 messages and the throughput."""
+    body, full = virtpub_shape()
+    steps = [
+        ("300-byte body", BODY, pika.BasicProperties(delivery_mode=2)),
+        (f"virtpub's {len(body)}-byte body", body, pika.BasicProperties(delivery_mode=2)),
+        ("+ message_id, type, timestamp, app_id, content_type", body,
+         pika.BasicProperties(delivery_mode=2, message_id=full.message_id, type=full.type,
+                              timestamp=full.timestamp, app_id=full.app_id,
+                              content_type=full.content_type)),
+        ("+ headers (virtpub's shape)", body, full),
+    ]  # fmt: skip
+    results = []
+    for name, step_body, properties in steps:
+        exchange = f"bench-shape-{uuid.uuid4().hex[:8]}"
+        _bind_queue(url, exchange, "classic")
+        publisher = LimitPublisher(url, exchange, step_body, properties)
+        cpu, broker = time.process_time(), broker_cpu_s(url)
+        elapsed = publisher.run(count, paced=False)
+        cpu, after = time.process_time() - cpu, broker_cpu_s(url)
+        _cleanup(url, exchange, queue=exchange)
+        results.append({
+            "step": name,
+            "msgs_per_s": count / elapsed,
+            "cpu_ms_per_1000": cpu / count * 1e6,
+            "broker_cpu_ms_per_1000": None if broker is None or after is None
+            else (after - broker) / count * 1e6,
+        })  # fmt: skip
+    return results
 
 
 class StageClock:
@@ -430,6 +478,18 @@ def report(queue_type: str, ref: dict[str, Any], ours: dict[str, Any]) -> dict[s
     return ratios
 
 
+def print_shape_costs(costs: list[dict[str, Any]]) -> None:
+    print("virtpub's message shape, a piece at a time (the limit, classic queue):")
+    print("                                                        msg/s   limit CPU   broker CPU"
+          "  (ms/1000 msgs)")  # fmt: skip
+    for step in costs:
+        broker = step["broker_cpu_ms_per_1000"]
+        print(f"  {step['step']:<52}{step['msgs_per_s']:>7,.0f}   {step['cpu_ms_per_1000']:>9.0f}"
+              f"   {'n/a' if broker is None else f'{broker:.0f}':>10}")  # fmt: skip
+    print("  headers host_id, entity, event and detail repeat the routing key's segments;")
+    print("  schema and schema_version repeat dataschema, type and message_id the body's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--amqp-url", default=AMQP_URL)
@@ -444,6 +504,7 @@ def main() -> None:
         print(json.dumps({
             "plain": limit(url, count, seconds, args.queue_type),
             "shaped": limit(url, count, seconds, args.queue_type, shape=virtpub_shape()),
+            "shape_costs": shape_costs(url, count) if args.queue_type == "classic" else [],
         }))  # fmt: skip
         return
     if args.part == "virtpub":
@@ -455,6 +516,7 @@ def main() -> None:
         ours = _child("virtpub", url, count, seconds, queue_type)
         results[queue_type] = (ref, ours, report(queue_type, ref, ours))
     ref, ours, ratios = results["classic"]
+    print_shape_costs(ref["shape_costs"])
     if args.plot:
         _plot(ours["latencies_ms"], args.plot, ours["p50_ms"], ours["p99_ms"])
     print(
