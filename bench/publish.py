@@ -49,6 +49,7 @@ from virtpub.contract.envelope import Envelope, OutgoingMessage
 from virtpub.core.event import GONE
 from virtpub.core.tracker import Tracker
 from virtpub.daemon.assembly import assemble
+from virtpub.daemon.service import Daemon
 from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -311,6 +312,28 @@ class StageClock:
         return result
 
 
+def synthetic_daemon(
+    url: str, exchange: str, state_dir: str, on_confirmed: Any
+) -> tuple[Daemon, SyntheticDriver, threading.Thread, threading.Event]:
+    """A daemon with the synthetic driver (100 domains) in this process, not yet started:
+    its run thread is a daemon thread, so a bench that fails still ends the process."""
+    settings = Settings(
+        libvirt_uris=("synthetic:///",),
+        amqp_urls=(url,),
+        exchange=exchange,
+        host_id="bench",
+        state_dir=Path(state_dir),
+        log_level="warning",
+        log_format="text",
+    )
+    driver = SyntheticDriver("synthetic:///", "bench", SyntheticOptions(domains=100))
+    daemon = assemble(settings, [driver], on_confirmed=on_confirmed)
+    if daemon is None:
+        raise SystemExit("bench: the publisher could not be assembled (see the log)")
+    stop = threading.Event()
+    return daemon, driver, threading.Thread(target=daemon.run, args=(stop,), daemon=True), stop
+
+
 def virtpub(url: str, count: int, latency_seconds: float, queue_type: str) -> dict[str, Any]:
     """The whole path, in this process: a daemon with the synthetic driver."""
     exchange = f"bench-virtpub-{uuid.uuid4().hex[:8]}"
@@ -324,22 +347,7 @@ def virtpub(url: str, count: int, latency_seconds: float, queue_type: str) -> di
             confirmed.extend((m.sequence, now) for m in messages)
 
     with tempfile.TemporaryDirectory() as state_dir:
-        settings = Settings(
-            libvirt_uris=("synthetic:///",),
-            amqp_urls=(url,),
-            exchange=exchange,
-            host_id="bench",
-            state_dir=Path(state_dir),
-            log_level="warning",
-            log_format="text",
-        )
-        driver = SyntheticDriver("synthetic:///", "bench", SyntheticOptions(domains=100))
-        daemon = assemble(settings, [driver], on_confirmed=on_confirmed)
-        if daemon is None:
-            raise SystemExit("bench: the publisher could not be assembled (see the log)")
-        stop = threading.Event()
-        # A daemon thread: a run that fails (a timeout below) must still end the process.
-        runner = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+        daemon, driver, runner, stop = synthetic_daemon(url, exchange, state_dir, on_confirmed)
         runner.start()
         daemon.started.wait(30)
         # The startup messages (capabilities, snapshot; handed over in one batch) confirmed.

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from publish import AMQP_URL, Drainer, _bind_queue, _cleanup  # bench/ is the script's path
+from publish import (  # bench/ is the script's path
+    AMQP_URL,
+    Drainer,
+    _bind_queue,
+    _cleanup,
+    synthetic_daemon,
+)
 
-from virtpub.config import Settings
 from virtpub.contract.envelope import OutgoingMessage
-from virtpub.daemon.assembly import assemble
-from virtpub.drivers.synthetic import SyntheticDriver, SyntheticOptions
 
 STEP = 100_000
 BACKLOG = 20_000
@@ -52,21 +54,7 @@ def soak(url: str, events: int, rate: float) -> list[tuple[int, float, float]]:
 
     readings: list[tuple[int, float, float]] = []
     with tempfile.TemporaryDirectory() as state_dir:
-        settings = Settings(
-            libvirt_uris=("synthetic:///",),
-            amqp_urls=(url,),
-            exchange=exchange,
-            host_id="soak",
-            state_dir=Path(state_dir),
-            log_level="warning",
-            log_format="text",
-        )
-        driver = SyntheticDriver("synthetic:///", "soak", SyntheticOptions(domains=100))
-        daemon = assemble(settings, [driver], on_confirmed=on_confirmed)
-        if daemon is None:
-            raise SystemExit("soak: the publisher could not be assembled (see the log)")
-        stop = threading.Event()
-        runner = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+        daemon, driver, runner, stop = synthetic_daemon(url, exchange, state_dir, on_confirmed)
         spool_file = Path(state_dir) / "spool.sqlite3"
         with Drainer(url, exchange):
             runner.start()
