@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tracemalloc
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -388,6 +389,20 @@ def test_body_is_compact_utf8_json() -> None:
     body = Envelope(HOST).domain_event(published(event), 1).body
     assert "café".encode() in body
     assert b", " not in body
+
+
+def test_a_body_in_memory_takes_about_its_own_length() -> None:
+    """Messages wait in memory by the thousand (a snapshot, the broker's window): a body must
+    not keep the encoder's working buffer (orjson's is 4 KiB or more)."""
+    envelope, publication = Envelope(HOST), published(domain_event("REBOOT"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        bodies = [envelope.domain_event(publication, n).body for n in range(500)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / len(bodies) < 2 * len(bodies[0])
 
 
 # --- schema validation -----------------------------------------------------------------------

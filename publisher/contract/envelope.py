@@ -98,6 +98,13 @@ def _properties(head: bytes, message_id: str, timestamp: int, tail: bytes) -> by
     return b"".join((head, short_string(message_id), struct.pack(">Q", timestamp), tail))
 
 
+def _right_sized(encoded: bytes) -> bytes:
+    """A copy of exactly its length: orjson (3.12 and later) returns bytes that keep a buffer
+    of at least 4 KiB, six times a domain event's size, and messages wait in memory by
+    the thousand (a first start's snapshot of 10,000 domains held 160 MB of slack)."""
+    return b"".join((encoded, b""))
+
+
 class _Kind(NamedTuple):
     """Everything of a message that follows from its schema, entity, event and detail."""
 
@@ -272,7 +279,7 @@ class Envelope:
             properties=_properties(
                 kind.properties_head, message_id, timestamp, kind.properties_tail
             ),
-            body=orjson.dumps(body),
+            body=_right_sized(orjson.dumps(body)),
             received_at=received_at,
         )
 
