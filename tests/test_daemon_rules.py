@@ -9,9 +9,12 @@ import json
 import threading
 from typing import Any
 
+import pytest
+
 from virtpub.contract.envelope import OutgoingMessage
 from virtpub.core.event import ConfigRejected, DomainEvent, DomainFacts, DomainRef, DomainState
 from virtpub.core.tracker import GONE_GRACE_S
+from virtpub.daemon import pipeline
 from virtpub.daemon.health import health_checks
 from virtpub.daemon.overflow import Overflow
 from virtpub.daemon.service import EXIT_FAILURE, Daemon
@@ -428,6 +431,36 @@ class OrderedPublisher(RecordingPublisher):
         batch = list(messages)
         self.log.append(("submit", batch[-1].sequence))
         super().submit(batch)
+
+
+class CountingSpool(MemorySpool):
+    """Notes the sequences each `after` reads back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_back: list[int] = []
+
+    def after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
+        found = super().after(sequence, limit)
+        self.read_back += [m.sequence for m in found]
+        return found
+
+
+def test_a_burst_beyond_what_memory_keeps_reads_back_only_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pipeline, "READY_LIMIT", 3)
+    uuids = [f"{n:08d}-0000-0000-0000-000000000000" for n in range(4)]
+    listing = {uuid: facts(uuid, uuid[:8]) for uuid in uuids}
+    spool = CountingSpool()
+    publisher = RecordingPublisher(spool, confirm_at_once=True)
+    daemon = make_daemon([ScriptedDriver(ONE, listing)], spool=spool, publisher=publisher)
+    daemon.begin()
+    while daemon._pipeline.behind:
+        daemon.turn(STOPPED)
+    handed = [m.sequence for m in publisher.submitted]
+    assert handed == list(range(1, spool.last_sequence() + 1)), "all, once, in order"
+    assert spool.read_back == handed[3:], "the first three went out from memory"
 
 
 def test_a_batch_goes_out_before_its_commit_only_within_the_reservation() -> None:

@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 BROKER_BACKLOG = 2_000
 """Messages held in memory for the broker (queued and in flight); the rest stay in the spool."""
-READY_LIMIT = 2_000
-"""Messages just spooled and kept in memory for the broker, beyond BROKER_BACKLOG."""
+READY_LIMIT = 10_000
+"""Messages just spooled and kept in memory for the broker, beyond BROKER_BACKLOG: a
+startup snapshot of 10,000 domains goes out without reading the spool back (about
+12 MB of bodies and properties)."""
 RESERVE_AHEAD = 1_000
 """Sequences each commit reserves for the next batch, which goes out before its own commit.
 Bigger batches send the rest after their commit; an unclean stop leaves at most this
@@ -206,15 +208,14 @@ class Pipeline:
 
         The spool is the buffer: in a burst or an outage memory holds at most
         BROKER_BACKLOG messages for the broker and READY_LIMIT just spooled (so the
-        common case reads nothing back); the rest waits on disk and is read back in order.
+        common case reads nothing back); the rest waits on disk and is read back in
+        order, once what memory holds has gone.
         """
         ready = self._ready
         if fresh:
             last = ready[-1].sequence if ready else self._handed
-            if fresh[0].sequence == last + 1 and len(ready) + len(fresh) <= READY_LIMIT:
-                ready.extend(fresh)
-            else:
-                ready.clear()  # read back from the spool instead
+            if fresh[0].sequence == last + 1:
+                ready.extend(fresh[: READY_LIMIT - len(ready)])
         room = BROKER_BACKLOG - self._publisher.unconfirmed()
         if room <= 0 or self._handed >= self._sequence:
             return
