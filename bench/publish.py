@@ -269,12 +269,15 @@ class StageClock:
         self.submitted: dict[int, float] = {}
         self.written: dict[int, float] = {}
         self.commits_ms: list[float] = []
+        self.fsyncs_ms: list[float] = []
+        """The spool's sync thread: each fsync that commits what was written before it."""
         self.early = 0
         """Messages handed to the broker before their commit began."""
 
     def install(self, daemon: Any) -> None:
         broker, spool = daemon.broker, daemon._spool  # the bench looks inside
         submit, append, write = broker.submit, spool.append, broker_module.frames.write_publishes
+        sync = spool._sync_now
 
         def timed_submit(messages: Any) -> None:
             batch = list(messages)
@@ -293,14 +296,21 @@ class StageClock:
             self.written.update((m.sequence, now) for m in batch)
             write(connection, channel, exchange, batch)
 
-        broker.submit, spool.append = timed_submit, timed_append
+        def timed_sync() -> bool:
+            begun = time.perf_counter()
+            synced = sync()
+            self.fsyncs_ms.append((time.perf_counter() - begun) * 1000)
+            return bool(synced)
+
+        broker.submit, spool.append, spool._sync_now = timed_submit, timed_append, timed_sync
         broker_module.frames.write_publishes = timed_write  # type: ignore[assignment]
 
     def stages(
         self, handoffs: dict[int, float], acks: dict[int, float]
     ) -> dict[str, dict[str, float]]:
         """p50 and p99 of each stage: hand-off to submit (the daemon thread: queue, model,
-        envelope), submit to socket (the I/O thread's wake-up), socket to ack (the broker)."""
+        envelope), submit to socket (the I/O thread's wake-up), socket to ack (the broker);
+        beside them, off that path, the spool's write (`commit`) and its fsync."""
         spans: dict[str, list[float]] = {"daemon": [], "io_wakeup": [], "broker": []}
         for sequence, handed in handoffs.items():
             submitted, written = self.submitted[sequence], self.written[sequence]
@@ -309,6 +319,7 @@ class StageClock:
             spans["broker"].append((acks[sequence] - written) * 1000)
         result = {name: percentiles(values) for name, values in spans.items()}
         result["commit"] = percentiles(self.commits_ms)
+        result["fsync"] = percentiles(self.fsyncs_ms)
         return result
 
 

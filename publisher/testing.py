@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,8 @@ __all__ = [
 
 class MemorySpool:
     """The spool's semantics in a dict: ordered sequences, the size bound by `stored_size`,
-    drop-oldest after the handed-over mark (sparing drop reports), domain records.
+    drop-oldest after the handed-over mark (sparing drop reports), domain records. An
+    append is committed at once (the real spool commits at its sync thread's next fsync).
 
     `disk_full = True` makes `append` fail as a full disk does.
     """
@@ -83,6 +84,9 @@ class MemorySpool:
 
     def release_reservation(self) -> None:
         self._reserved = self._last_sequence
+
+    def on_durable(self, callback: Callable[[], None]) -> None:
+        """Never called: an append here is committed when it returns."""
 
     def first_sequence(self) -> int:
         return min(self.messages, default=0)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from virtpub.contract.envelope import OutgoingMessage, encode_properties
+from virtpub.daemon import spool as spool_module
 from virtpub.daemon.spool import KEEP_TYPE, DroppedRange, Spool, SpoolError, stored_size
 
 
@@ -23,6 +29,14 @@ def message(sequence: int, kind: str = "org.virtpub.domain.started") -> Outgoing
         properties=encode_properties(f"id-{sequence}", 1_700_000_000, kind, {}),
         body=body,
     )
+
+
+def committed(spool: Spool, sequence: int, reserved: int | None = None) -> None:
+    """Waits for the sync thread to make `sequence` (and the reservation) durable."""
+    deadline = time.monotonic() + 10
+    while (spool.last_sequence(), spool.reserved_sequence()) < (sequence, reserved or sequence):
+        assert time.monotonic() < deadline, "the sync thread never committed"
+        time.sleep(0.001)
 
 
 @pytest.fixture
@@ -114,6 +128,7 @@ def test_an_append_takes_the_confirmations_along_in_its_own_transaction(
     first = [message(n) for n in range(1, 6)]
     second = [message(n) for n in range(6, 9)]
     spool.append(first)
+    committed(spool, 5)
     spool.keep_returned(first[0], 312, "NO_ROUTE")
     spool.remove(first)
     spool.append(second)
@@ -138,7 +153,7 @@ def test_a_confirm_that_comes_before_the_commit_leaves_no_row(spool: Spool, tmp_
     spool.append(batch)
     assert rows(tmp_path) == [4, 5]
     assert spool.used_bytes == sum(map(stored_size, batch[3:]))
-    assert spool.last_sequence() == 5
+    committed(spool, 5)
 
 
 def test_a_confirm_of_a_later_batch_waits_for_its_commit(spool: Spool, tmp_path: Path) -> None:
@@ -160,7 +175,7 @@ def test_each_commit_reserves_sequences_and_a_clean_close_gives_them_back(
 ) -> None:
     first = Spool(tmp_path / "spool.sqlite3")
     first.append([message(1), message(2)], reserve=1000)
-    assert first.reserved_sequence() == 1002
+    committed(first, 2, 1002)
     first.close()
     unclean = Spool(tmp_path / "spool.sqlite3")
     assert (unclean.last_sequence(), unclean.reserved_sequence()) == (2, 1002), (
@@ -179,8 +194,99 @@ def test_a_failed_commit_loses_no_confirmation(spool: Spool, tmp_path: Path) -> 
     deletes them."""
     spool.JANITOR_PERIOD_S = 2.0  # the failing append, not the janitor, takes the confirmation
     spool.append([message(1), message(2)])
+    committed(spool, 2)
     spool.remove([message(1)])
     with pytest.raises(SpoolError, match="cannot write"):
         spool.append([message(2)])  # sequence 2 is already there: the commit fails
     spool.append([message(3)])
     assert rows(tmp_path) == [2, 3]
+
+
+class HeldFsync:
+    """Holds the spool's fsync until released: a stand-in for a slow disk, the one thing
+    here that cannot be slowed for real. Everything else is the real SQLite file."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+        real = os.fsync
+
+        def held(descriptor: int) -> None:
+            self.calls += 1
+            self.release.wait(10)
+            real(descriptor)
+
+        monkeypatch.setattr(spool_module.os, "fsync", held)
+
+
+def test_an_append_returns_before_its_fsync_and_is_committed_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = HeldFsync(monkeypatch)
+    moved = threading.Event()
+    spool = Spool(tmp_path / "spool.sqlite3")
+    spool.on_durable(moved.set)
+    try:
+        batch = [message(n) for n in range(1, 4)]
+        spool.append(batch, reserve=100)  # returns with the fsync held
+        assert rows(tmp_path) == [1, 2, 3], "written, where a kill leaves it"
+        assert (spool.last_sequence(), spool.reserved_sequence()) == (0, 0), "not committed"
+        spool.remove(batch)
+        time.sleep(0.1)  # the janitor's period, five times over
+        assert rows(tmp_path) == [1, 2, 3], "a confirmed row waits for its commit"
+        disk.release.set()
+        assert moved.wait(10), "on_durable tells the daemon"
+        committed(spool, 3, 103)
+        deadline = time.monotonic() + 10
+        while rows(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rows(tmp_path) == [], "committed and confirmed: gone"
+    finally:
+        disk.release.set()
+        spool.close()
+
+
+def test_many_appends_before_one_fsync_are_committed_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = HeldFsync(monkeypatch)
+    spool = Spool(tmp_path / "spool.sqlite3")
+    try:
+        spool.append([message(1)])
+        deadline = time.monotonic() + 10
+        while disk.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert disk.calls == 1, "the first append's fsync is under way"
+        for n in range(2, 50):
+            spool.append([message(n)])  # while the first fsync is held
+        disk.release.set()
+        committed(spool, 49)
+        assert disk.calls <= 3, f"{disk.calls} fsyncs for 49 appends"
+    finally:
+        disk.release.set()
+        spool.close()
+
+
+def _append_then_die(path: Path, written: Any) -> None:
+    """In a child: appends with every fsync held forever, then dies by SIGKILL."""
+    spool_module.os.fsync = lambda _descriptor: threading.Event().wait()  # type: ignore[assignment]
+    spool = Spool(path)
+    spool.append([message(n) for n in range(1, 6)], reserve=10)
+    written.set()
+    os.kill(os.getpid(), 9)
+
+
+def test_an_append_not_yet_fsynced_survives_a_kill(tmp_path: Path) -> None:
+    """What the kernel holds outlives the process: the restart has every row."""
+    context = multiprocessing.get_context("spawn")
+    written = context.Event()
+    child = context.Process(target=_append_then_die, args=(tmp_path / "spool.sqlite3", written))
+    child.start()
+    child.join(30)
+    assert written.is_set() and child.exitcode == -9
+    again = Spool(tmp_path / "spool.sqlite3")
+    try:
+        assert [m.sequence for m in again.after(0, 100)] == [1, 2, 3, 4, 5]
+        assert (again.last_sequence(), again.reserved_sequence()) == (5, 15)
+    finally:
+        again.close()

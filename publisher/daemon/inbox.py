@@ -33,6 +33,10 @@ class Inbox(Generic[T]):
             self._ready.set()
         return True
 
+    def wake(self) -> None:
+        """Ends the reader's wait without an item: something else is due. Any thread."""
+        self._ready.set()
+
     def take(self, timeout: float) -> T | None:
         """The oldest item, waiting up to `timeout` for one. The reader's thread only."""
         item = self.take_nowait()

@@ -204,7 +204,8 @@ class Pipeline:
         self._overflow.note_dropped(self._spool.drop_oldest(self._handed, excess))
 
     def feed(self, fresh: list[OutgoingMessage] | None = None) -> None:
-        """Hands the broker what the spool holds and it has not seen, while it has room.
+        """Hands the broker what the spool holds and it has not seen, while it has room, up
+        to what is committed or reserved (the rest goes once the spool says it moved).
 
         The spool is the buffer: in a burst or an outage memory holds at most
         BROKER_BACKLOG messages for the broker and READY_LIMIT just spooled (so the
@@ -217,13 +218,16 @@ class Pipeline:
             if fresh[0].sequence == last + 1:
                 ready.extend(fresh[: READY_LIMIT - len(ready)])
         room = BROKER_BACKLOG - self._publisher.unconfirmed()
-        if room <= 0 or self._handed >= self._sequence:
+        sendable = self._spool.reserved_sequence()  # committed, or within a reservation
+        if room <= 0 or self._handed >= min(self._sequence, sendable):
             return
         if ready and ready[0].sequence == self._handed + 1:
-            batch = [ready.popleft() for _ in range(min(room, len(ready)))]
+            batch: list[OutgoingMessage] = []
+            while ready and len(batch) < room and ready[0].sequence <= sendable:
+                batch.append(ready.popleft())
         else:
             ready.clear()
-            batch = self._spool.after(self._handed, room)
+            batch = [m for m in self._spool.after(self._handed, room) if m.sequence <= sendable]
         if batch:
             self._publisher.submit(batch)
             self._handed = batch[-1].sequence

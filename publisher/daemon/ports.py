@@ -6,7 +6,7 @@ them in); `virtpub.testing` ships in-memory ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from virtpub.contract.envelope import OutgoingMessage
@@ -25,6 +25,8 @@ class SpoolStore(Protocol):
     def reserved_sequence(self) -> int: ...
 
     def release_reservation(self) -> None: ...
+
+    def on_durable(self, callback: Callable[[], None]) -> None: ...
 
     def first_sequence(self) -> int: ...
 

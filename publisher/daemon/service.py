@@ -72,6 +72,7 @@ class Daemon:
         self._metrics = metrics
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._inbox: Inbox[Signal] = Inbox(INBOX_LIMIT)
+        spool.on_durable(self._inbox.wake)  # messages waiting for their commit can go
         self._backends = frozenset(self._drivers)
         self._overflow = Overflow(
             settings.spool_full_policy, settings.spool_max_bytes, status, self._backends
