@@ -8,6 +8,7 @@ subscribed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import libvirt
@@ -73,6 +74,18 @@ def test_a_withheld_event_id_is_unsupported_with_the_binding_defect_as_reason() 
         vcpu = driver.capabilities().events["vcpu_removed"]
         assert vcpu.status == "unsupported"
         assert vcpu.reason != support.reason
+
+
+def test_the_leg_runs_on_the_libvirt_it_was_made_for() -> None:
+    """The Debian 13 leg sets the release it expects, so a host libvirt can't pass for it."""
+    expected = os.environ.get("VIRTPUB_TEST_EXPECT_LIBVIRT")
+    if expected is None:
+        pytest.skip("no libvirt release expected (only the Debian 13 leg sets one)")
+    running = capability_map.format_libvirt_version(libvirt.getVersion())
+    assert running.startswith(f"{expected}."), running
+    row = capability_map.lookup("TEST", libvirt.getVersion())
+    assert row is not None
+    assert f"v{expected}." in row.read_from, "this release's row was read for this release"
 
 
 def test_the_binding_version_comes_from_its_package_metadata() -> None:

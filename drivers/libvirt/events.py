@@ -282,7 +282,7 @@ class Catalog:
     def subscriptions(self) -> list[EventIdSpec]:
         """IDs to try, richest first: a superseded ID is tried only if its successor fails.
 
-        Withheld IDs are left out: registering one is what would crash the process.
+        Withheld IDs are left out: once registered, their first event would crash the process.
         """
         usable = (spec for spec in self.ids if spec.constant not in self.withheld)
         return sorted(usable, key=lambda spec: (spec.constant in SUPERSEDED_BY, spec.code))
