@@ -41,6 +41,17 @@ LIBVIRT_9_0_DETAILS = {
     "crashed": 2,
 }
 
+# Details libvirt added after 9.0, with their codes in libvirt 12.8.0's libvirt-domain.h: a
+# 9.0 binding has no name for them, yet the map must be able to say a driver sends them.
+NEWER_DETAILS = {
+    "started": {"recreated": 5},  # Since: 11.6.0
+    "stopped": {"recreated": 7},  # Since: 11.6.0
+    "suspended": {"guest_shutdown": 9},  # Since: 11.10.0
+}
+
+# Drivers Debian does not build: no 12.x binaries, and no 12.x source tree could be read.
+NOT_PAST_11_3 = {"BHYVE", "CH", "vz", "Parallels"}
+
 ALL_DRIVERS = (
     "QEMU",
     "LXC",
@@ -61,11 +72,12 @@ ALL_DRIVERS = (
 def details_of(kind: str) -> set[str]:
     """The binding's detail names of one lifecycle type, as virtpub publishes them."""
     enum = Enum(f"VIR_DOMAIN_EVENT_{kind.upper()}_")
-    return {
+    named = {
         CATALOG.name(enum, code)
         for code in range(64)
         if not CATALOG.name(enum, code).startswith("unknown_")
     }
+    return named | set(NEWER_DETAILS.get(kind, {}))
 
 
 def raw_map() -> dict[str, Any]:
@@ -188,9 +200,58 @@ def test_unknown_driver_type_is_none(driver: str) -> None:
     assert cm.lookup(driver, 9_000_000) is None
 
 
-@pytest.mark.parametrize("version", [8_010_000, 8_999_999, 11_004_000, 12_005_000])
-def test_version_outside_coverage_is_none(version: int) -> None:
-    assert cm.lookup("QEMU", version) is None
+@pytest.mark.parametrize(
+    ("driver", "version"),
+    [("QEMU", 8_010_000), ("QEMU", 8_999_999), ("QEMU", 12_009_000), ("CH", 11_004_000)],
+)
+def test_version_outside_coverage_is_none(driver: str, version: int) -> None:
+    assert cm.lookup(driver, version) is None
+
+
+def test_the_map_covers_the_newest_release_for_every_driver_debian_builds() -> None:
+    newest = raw_map()["_about"]["newest_release"]
+    number = cm.libvirt_version_number(newest)
+    assert number >= 12_008_000  # libvirt-python 12.8.0 is on PyPI: nothing older is newest
+    for driver in set(ALL_DRIVERS) - NOT_PAST_11_3:
+        row = cm.lookup(driver, number)
+        assert row is not None, f"{driver} has no row for libvirt {newest}"
+        # Open-ended rows would claim releases nobody read.
+        major, minor, _ = cm.parse_libvirt_version(number)
+        assert row.until == (major, minor + 1, 0), row.range_text
+    for driver in NOT_PAST_11_3:
+        assert cm.lookup(driver, number) is None
+        assert driver in raw_map()["_not_covered"][1]["drivers"]
+
+
+def test_qemu_gains_each_addition_at_its_release() -> None:
+    def row(version: int) -> cm.DriverRow:
+        found = cm.lookup("QEMU", version)
+        assert found is not None, version
+        return found
+
+    def details(found: cm.DriverRow) -> set[tuple[str, str]]:
+        return {(kind, d) for kind, names in found.lifecycle.items() for d in names}
+
+    assert row(11_005_000) == row(11_003_000)
+    assert details(row(11_006_000)) - details(row(11_005_000)) == {
+        ("started", "recreated"),
+        ("stopped", "recreated"),
+    }
+    assert details(row(11_010_000)) - details(row(11_009_000)) == {("suspended", "guest_shutdown")}
+    assert row(12_004_000).event_ids - row(12_003_000).event_ids == {
+        "vcpu_removed",
+        "channel_lifecycle",
+    }
+    assert row(12_008_000).read_from.startswith("v12.8.0")
+
+
+def test_esx_rows_tell_consumers_about_the_12_4_uuid_change() -> None:
+    before, after = cm.lookup("ESX", 12_003_000), cm.lookup("ESX", 12_004_000)
+    assert before is not None and after is not None
+    assert not before.registration and not after.registration
+    assert "legacy_uuid" not in before.notes
+    assert "legacy_uuid=1" in after.notes
+    assert "removed" in after.notes and "added" in after.notes
 
 
 def test_version_numbers_round_trip() -> None:
@@ -220,7 +281,8 @@ def test_markdown_table_lists_every_driver_and_event_type() -> None:
     qemu_9 = next(line for line in body if "QEMU" in line and "v9.0.0" in line)
     cells = dict(zip(header, (c.strip() for c in qemu_9.strip("|").split("|")), strict=True))
     never = {name for name in header[4:] if cells[name] == cm.NO}
-    assert never == {"nic_mac_change"}  # QEMU 9.0 sends every event type 9.0 has
+    # QEMU 9.0 sends every event type 9.0 has
+    assert never == {"nic_mac_change", "vcpu_removed", "channel_lifecycle"}
     esx = next(line for line in body if line.startswith("| ESX "))
     assert cm.YES not in esx
 

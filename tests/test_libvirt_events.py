@@ -182,6 +182,95 @@ def test_event_types_list_lifecycle_types_then_each_pair_once(fake: Catalog) -> 
     )
 
 
+# --- what libvirt 11.6 to 12.8 added (values from libvirt 12.8.0's libvirt-domain.h) --------
+
+# The constants a binding built against libvirt 12.8 adds to a 9.0 one, as that header has them.
+LIBVIRT_12_8_ADDITIONS: dict[str, object] = {
+    "VIR_DOMAIN_EVENT_STARTED_RECREATED": 5,
+    "VIR_DOMAIN_EVENT_STOPPED_RECREATED": 7,
+    "VIR_DOMAIN_EVENT_SUSPENDED_GUEST_SHUTDOWN": 9,
+    "VIR_DOMAIN_EVENT_ID_NIC_MAC_CHANGE": 27,
+    "VIR_DOMAIN_EVENT_ID_VCPU_REMOVED": 28,
+    "VIR_DOMAIN_EVENT_ID_CHANNEL_LIFECYCLE": 29,
+    "VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_STATE_CONNECTED": 1,
+    "VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_STATE_DISCONNECTED": 2,
+    "VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_REASON_UNKNOWN": 0,
+    "VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_REASON_DOMAIN_STARTED": 1,
+    "VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_REASON_CHANNEL": 2,
+}
+
+
+def catalog_12_8(binding_version: tuple[int, int, int] | None) -> Catalog:
+    return Catalog({**vars(libvirt), **LIBVIRT_12_8_ADDITIONS}, binding_version)
+
+
+@pytest.mark.parametrize(
+    ("codes", "names"),
+    [
+        ((2, 5), ("started", "recreated")),
+        ((5, 7), ("stopped", "recreated")),
+        ((3, 9), ("suspended", "guest_shutdown")),
+    ],
+)
+def test_details_of_libvirt_11_6_and_11_10_are_named_by_a_binding_that_has_them(
+    codes: tuple[int, int], names: tuple[str, str]
+) -> None:
+    assert catalog_12_8((12, 8, 0)).lifecycle(*codes) == names
+
+
+def test_an_older_binding_still_publishes_the_new_details_by_code(real: Catalog) -> None:
+    """A 12.x libvirtd behind Debian 12's 9.0 binding: the detail is unknown_<code>, not lost."""
+    if hasattr(libvirt, "VIR_DOMAIN_EVENT_STARTED_RECREATED"):
+        pytest.skip("this binding names the 11.6 details")
+    assert real.lifecycle(2, 5) == ("started", "unknown_5")
+    event = event_for(real, LIFECYCLE_ID, 3, 9)
+    assert (event.event, event.detail) == ("suspended", "unknown_9")
+    assert event.codes == Codes(event_id=0, event=3, detail=9)
+    assert event.state is not None and event.state.state == "paused"
+
+
+def test_vcpu_removed_carries_the_xml_vcpu_id() -> None:
+    event = event_for(catalog_12_8((12, 8, 0)), "VCPU_REMOVED", 3)
+    assert (event.event, event.detail) == ("vcpu_removed", None)
+    assert event.codes == Codes(event_id=28)
+    assert dict(event.info) == {"vcpu_id": 3}
+
+
+@pytest.mark.parametrize("version", [(12, 4, 0), (12, 8, 0), None])
+def test_channel_lifecycle_is_withheld_where_the_binding_would_crash(
+    version: tuple[int, int, int] | None,
+) -> None:
+    catalog = catalog_12_8(version)
+    assert set(catalog.withheld) == {"CHANNEL_LIFECYCLE"}
+    assert "(dom, channelName, state, reason)" in catalog.withheld["CHANNEL_LIFECYCLE"]
+    subscribed = {spec.constant for spec in catalog.subscriptions()}
+    assert "CHANNEL_LIFECYCLE" not in subscribed
+    assert {"VCPU_REMOVED", "NIC_MAC_CHANGE"} <= subscribed
+    if version is None:
+        assert catalog.withheld["CHANNEL_LIFECYCLE"].startswith("the libvirt-python version is")
+
+
+def test_a_binding_after_the_defect_subscribes_and_names_the_channel_event() -> None:
+    catalog = catalog_12_8((12, 9, 0))
+    assert catalog.withheld == {}
+    assert "CHANNEL_LIFECYCLE" in {spec.constant for spec in catalog.subscriptions()}
+    event = event_for(catalog, "CHANNEL_LIFECYCLE", "org.qemu.guest_agent.0", 1, 2)
+    assert event.event == "channel_lifecycle"
+    assert dict(event.info) == {
+        "channel_name": "org.qemu.guest_agent.0",
+        "state": "connected",
+        "state_code": 1,
+        "reason": "channel",
+        "reason_code": 2,
+    }
+
+
+def test_a_binding_without_the_constant_withholds_nothing(real: Catalog) -> None:
+    if hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_CHANNEL_LIFECYCLE"):
+        pytest.skip("this binding has the channel lifecycle ID")
+    assert Catalog(vars(libvirt), None).withheld == {}
+
+
 # --- event_type_of ----------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from virtpub.core.event import Codes, DomainState
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 MESSAGE_HASHES = {
-    "DomainEventMessage": "1.1-f5bc4f71222dbb30",
+    "DomainEventMessage": "1.2-f5bc4f71222dbb30",
     "Capabilities": "1.2-79d74024cd88171f",
     "Snapshot": "1.2-8a4bcfd8b091f5a6",
     "Backend": "1.0-99c9cb92820af5d7",

@@ -8,7 +8,9 @@ immutable event and hands it off. It never blocks and never raises.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from virtpub.drivers.libvirt.capabilities import Probe, plan
 from virtpub.drivers.libvirt.events import (
     LIFECYCLE_ID,
     SUPERSEDED_BY,
+    BindingVersion,
     Catalog,
     Enum,
     EventIdSpec,
@@ -79,6 +82,23 @@ def _run_event_loop() -> None:
             time.sleep(0.1)
 
 
+def binding_version() -> BindingVersion | None:
+    """libvirt-python's own release, from its package metadata (pip's and Debian's alike).
+
+    libvirt.getVersion() is the C library's, which says nothing about the wrappers the
+    binding compiled; None when no metadata names it, which withholds every ID with a
+    known binding defect.
+    """
+    try:
+        text = importlib.metadata.version("libvirt-python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
 def version_string(packed: int) -> str:
     """libvirt packs versions as major * 1,000,000 + minor * 1,000 + release."""
     return f"{packed // 1_000_000}.{packed // 1000 % 1000}.{packed % 1000}"
@@ -108,7 +128,7 @@ class LibvirtDomainDriver:
     ) -> None:
         self.uri = uri
         self._backend = source_uri(host_id, uri)
-        self._catalog = catalog or Catalog(vars(libvirt))
+        self._catalog = catalog or Catalog(vars(libvirt), binding_version())
         self._capability_lookup = capability_lookup
         self._poll_interval = poll_interval
         self._conn: Any = None
@@ -207,6 +227,7 @@ class LibvirtDomainDriver:
                 self._emit(BackendChange(self._backend, True, None, time.time()))
 
     def _subscribe(self) -> None:
+        self._refused.update(self._catalog.withheld)
         subscribed: set[str] = set()
         for spec in self._catalog.subscriptions():
             successor = SUPERSEDED_BY.get(spec.constant)

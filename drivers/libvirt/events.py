@@ -8,13 +8,18 @@ never make an event disappear.
 libvirt has two event IDs for two things: BLOCK_JOB/BLOCK_JOB_2 and
 IO_ERROR/IO_ERROR_REASON. Each pair becomes one event type; the richer ID is
 preferred and the older one only subscribed where the richer one is refused.
+
+A binding can also get an ID wrong: where its callback wrapper does not match libvirt's
+callback (BINDING_DEFECTS), the ID is withheld, because the first event would crash the
+process rather than publish something wrong.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from virtpub.core.event import Codes, DomainEvent, DomainRef, DomainState, JSONValue
 
@@ -120,6 +125,40 @@ FIELDS: Mapping[str, tuple[Field, ...]] = {
     "MEMORY_DEVICE_SIZE_CHANGE": (Field("alias"), Field("size_kib")),
     "NIC_MAC_CHANGE": (Field("alias"), Field("old_mac"), Field("new_mac")),
     "VCPU_REMOVED": (Field("vcpu_id"),),
+    "CHANNEL_LIFECYCLE": (
+        Field("channel_name"),
+        Field("state", Enum("VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_STATE_")),
+        Field("reason", Enum("VIR_CONNECT_DOMAIN_EVENT_CHANNEL_LIFECYCLE_REASON_")),
+    ),
+}
+"""CHANNEL_LIFECYCLE follows libvirt's C callback (dom, channelName, state, reason): no
+released binding delivers it yet (BINDING_DEFECTS), so these are the arguments a fixed one
+must pass."""
+
+BindingVersion = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class BindingDefect:
+    """libvirt-python releases whose wrapper for one event ID cannot deliver it safely."""
+
+    first: BindingVersion
+    last: BindingVersion
+    """The newest release known to have the defect; later ones are taken to be fixed."""
+    why: str
+
+
+BINDING_DEFECTS: Mapping[str, BindingDefect] = {
+    "CHANNEL_LIFECYCLE": BindingDefect(
+        first=(12, 4, 0),
+        last=(12, 8, 0),
+        why=(
+            "libvirt-python 12.4.0 to 12.8.0 declare the channel lifecycle callback as"
+            " (dom, state, reason) while libvirt calls it with (dom, channelName, state,"
+            " reason): the opaque pointer it reads is the reason code, so the first event"
+            " would crash the process; not subscribed"
+        ),
+    ),
 }
 
 _DOMAIN_STATES = (
@@ -181,10 +220,32 @@ def event_type_of(constant: str) -> str:
     return SUPERSEDED_BY.get(constant, constant).removesuffix("_2").removesuffix("_REASON").lower()
 
 
+def withheld_ids(
+    constants: Iterable[str], binding_version: BindingVersion | None
+) -> dict[str, str]:
+    """Event IDs this binding has but cannot deliver safely, each with the reason.
+
+    An unknown binding version is treated as defective: a crash is worse than a missing type.
+    """
+    withheld: dict[str, str] = {}
+    for constant in constants:
+        defect = BINDING_DEFECTS.get(constant)
+        if defect is None:
+            continue
+        if binding_version is None:
+            withheld[constant] = f"the libvirt-python version is unknown, and {defect.why}"
+        elif defect.first <= binding_version <= defect.last:
+            withheld[constant] = defect.why
+    return withheld
+
+
 class Catalog:
     """Names for every domain event ID, lifecycle type, detail and enum of one binding."""
 
-    def __init__(self, constants: Mapping[str, object]) -> None:
+    def __init__(
+        self, constants: Mapping[str, object], binding_version: BindingVersion | None = None
+    ) -> None:
+        """`binding_version` is libvirt-python's own release (not libvirt's), None if unknown."""
         ints = {k: v for k, v in constants.items() if isinstance(v, int)}
         self._constants = ints
         self.ids: tuple[EventIdSpec, ...] = tuple(
@@ -202,6 +263,10 @@ class Catalog:
                 key=lambda spec: spec.code,
             )
         )
+        self.withheld: Mapping[str, str] = MappingProxyType(
+            withheld_ids((spec.constant for spec in self.ids), binding_version)
+        )
+        """IDs never subscribed (BINDING_DEFECTS), to the reason virtpub reports for each."""
         self._lifecycle_types: dict[int, str] = {}
         for name, code in ints.items():
             match = _LIFECYCLE_TYPE.fullmatch(name)
@@ -215,8 +280,12 @@ class Catalog:
         return tuple(self._lifecycle_types[c].lower() for c in sorted(self._lifecycle_types))
 
     def subscriptions(self) -> list[EventIdSpec]:
-        """IDs to try, richest first: a superseded ID is tried only if its successor fails."""
-        return sorted(self.ids, key=lambda spec: (spec.constant in SUPERSEDED_BY, spec.code))
+        """IDs to try, richest first: a superseded ID is tried only if its successor fails.
+
+        Withheld IDs are left out: once registered, their first event would crash the process.
+        """
+        usable = (spec for spec in self.ids if spec.constant not in self.withheld)
+        return sorted(usable, key=lambda spec: (spec.constant in SUPERSEDED_BY, spec.code))
 
     def event_types(self) -> tuple[str, ...]:
         """Every event type this binding can publish: lifecycle types, then the other IDs."""

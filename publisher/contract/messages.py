@@ -94,11 +94,13 @@ class Rename:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DomainEventMessage(Message):
     SCHEMA: ClassVar[str] = schemas.DOMAIN_EVENT
-    VERSION: ClassVar[str] = "1.1"
+    VERSION: ClassVar[str] = "1.2"
     CHANGES: ClassVar[tuple[str, ...]] = (
         "1.0: one libvirt domain event: domain, event, detail, codes, info",
         "1.1: existence events (added, removed), origin, persistent, state, per-domain seq,"
         " rename; codes only on events from libvirt",
+        "1.2: channel_lifecycle (libvirt 12.4) with channel_name, state, reason; the details"
+        " started/recreated, stopped/recreated (11.6) and suspended/guest_shutdown (11.10)",
     )
     ENTITY: ClassVar[str] = "domain"
 
