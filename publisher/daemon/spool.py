@@ -169,6 +169,11 @@ class SpoolDiskFullError(SpoolError):
 
 class Spool:
     JANITOR_PERIOD_S = 0.02
+    SYNC_PERIOD_S = 0.005
+    """How long the sync thread lets appends gather before one fsync commits them all: at
+    1,000 events a second an fsync each kept the disk busy most of the time, and the
+    broker's own fsyncs (its confirms) queued behind them. Publishing does not wait
+    for it (the reservation runs 1,000 sequences ahead)."""
     CHECKPOINT_EVERY = 5_000
     """Confirmed messages between two WAL checkpoints, which keep the WAL file small."""
 
@@ -331,6 +336,7 @@ class Spool:
         written before it durable; appends written meanwhile wait for the next."""
         while not self._closing:
             self._sync_wake.wait()
+            time.sleep(self.SYNC_PERIOD_S)
             self._sync_wake.clear()
             if not self._sync_now():
                 time.sleep(0.1)
