@@ -10,6 +10,7 @@ domain's `seq` has no gap, and every synthetic event arrived at least once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import random
@@ -200,16 +201,25 @@ def test_killed_again_and_again_loses_nothing_committed_or_confirmed(
     """SIGKILL at random moments of a burst, KILLS times: each time, what the spool had
     committed (read from its file after the kill) and what the broker had confirmed (in
     the queue) reaches the consumer after the restarts, no sequence number is used twice,
-    and every gap is one a `publisher.dropped.unclean_stop` names. Kills that land between
-    a batch's publish and its commit leave messages above the committed sequence in the
-    queue; the test counts them."""
+    and every gap is one a `publisher.dropped.unclean_stop` names.
+
+    Most kills land between a batch's publish and its commit: the commit is the sync
+    thread's fsync, 5 ms and more after the write. What a kill leaves in the file is what
+    was written (the kernel keeps it), so the test counts only the narrower window, kills
+    between the publish and the write (messages above the written sequence in the queue);
+    it is a figure, not a condition. test_spool kills a writer whose fsync never came.
+    """
     rng = random.Random(int.from_bytes(uuid.uuid4().bytes[:4]))
     committed: dict[int, str] = {}
     reservations: list[tuple[int, int]] = []
     """(last committed, last reserved) at each kill."""
     for _ in range(KILLS):
+        before = spooled_sequence(tmp_path) if spool_created(tmp_path) else 0
         virtpub = start_virtpub(node, queue, tmp_path, count=0, rate=4000)
-        wait_until(lambda: spool_created(tmp_path), 30, "the spool")
+        # Each kill after the run's first commit (its startup messages), so each run has
+        # reserved numbers of its own to report after the kill.
+        first_commit = functools.partial(committed_after, tmp_path, before)
+        wait_until(first_commit, 30, "the run's first commit")
         time.sleep(rng.uniform(0.5, 2.5))
         virtpub.send_signal(signal.SIGKILL)
         virtpub.wait(10)
@@ -229,9 +239,8 @@ def test_killed_again_and_again_loses_nothing_committed_or_confirmed(
     emitted = {b["id"] for b in bodies if b["data"].get("origin") == "libvirt"}
     sequences = {b["sequence"] for b in bodies}
     in_window = sum(any(last < n <= reserved for n in sequences) for last, reserved in reservations)
-    print(f"\n{KILLS} kills, {in_window} between a publish and its commit;"
-          f" {len(committed)} committed rows checked, {len(emitted)} events delivered")  # fmt: skip
-    assert in_window > 0, "no kill fell between a publish and its commit"
+    print(f"\n{KILLS} kills, {in_window} between a publish and its write;"
+          f" {len(committed)} written rows checked, {len(emitted)} events delivered")  # fmt: skip
     assert_complete(bodies, len(emitted))
 
 
@@ -273,7 +282,7 @@ def spooled_sequence(state_dir: Path) -> int:
     """The last sequence virtpub accepted before it was killed, from its spool."""
     with sqlite3.connect(state_dir / "spool.sqlite3") as db:
         row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
-    return int(row[0])
+    return 0 if row is None else int(row[0])  # None: nothing committed yet
 
 
 def _settled(node: RabbitNode, queue: str) -> Callable[[], bool]:
@@ -309,6 +318,11 @@ def spool_bytes(state_dir: Path) -> int:
     size = f"length(id) + length(routing_key) + length(type) + length(properties) + length(body) + {ROW_OVERHEAD}"  # noqa: E501
     with sqlite3.connect(f"file:{state_dir / 'spool.sqlite3'}?mode=ro", uri=True) as db:
         return int(db.execute(f"SELECT TOTAL({size}) FROM messages").fetchone()[0])
+
+
+def committed_after(state_dir: Path, sequence: int) -> bool:
+    """Whether the spool holds a sequence beyond `sequence`."""
+    return spool_created(state_dir) and spooled_sequence(state_dir) > sequence
 
 
 def spool_created(state_dir: Path) -> bool:
@@ -453,7 +467,8 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
     virtpub publishes, once the first nack is counted: from then on a refused message
     must reach it before anything published after it, and every message arrives.
     (Messages in flight when the first nack of an episode comes are the broker's to
-    take or refuse; that window is kept out of the order check by the filling.)
+    take or refuse: those published by the time the first nack is seen are kept out of
+    the order check.)
     """
     bounded = f"{queue}.bounded"
     limit, burst = 100, 300
@@ -477,6 +492,7 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
     )
     wait_until(lambda: metric(port, "virtpub_messages_nacked") > 0, 30, "the first nack")
     first_nack = time.monotonic() - started
+    before_nack = metric(port, "virtpub_messages_published")  # no resend yet: sequences 1..this
     order: list[int] = []
     events: set[str] = set()
     deadline = time.monotonic() + 120
@@ -506,7 +522,11 @@ def test_a_queue_that_refuses_publishes_gets_every_message_in_order(
     )
     assert_complete(everything, burst)
     first_seen = list(dict.fromkeys(order))
-    assert first_seen == sorted(first_seen), "a message overtook a refused one"
+    for index, sequence in enumerate(first_seen):
+        if sequence > before_nack:
+            overtaken = [s for s in first_seen[index + 1 :] if s < sequence]
+            assert not overtaken, f"{sequence} overtook refused {overtaken[:10]}"
+    assert len(first_seen) > before_nack + 50, "the order check covered enough messages"
     assert counts["nacked"] > 0 and counts["reconnects"] == 0
     # Each publish gets one confirm; only acks count as confirmed, once per message.
     assert counts["confirmed"] == accepted

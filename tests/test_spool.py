@@ -246,6 +246,29 @@ def test_an_append_returns_before_its_fsync_and_is_committed_after_it(
         spool.close()
 
 
+def test_a_confirm_of_a_row_written_but_not_committed_outlives_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next append takes only the confirmations it can settle; one of a row still
+    waiting for its fsync stays listed, and the row leaves once committed."""
+    disk = HeldFsync(monkeypatch)
+    spool = Spool(tmp_path / "spool.sqlite3")
+    try:
+        first = [message(1), message(2)]
+        spool.append(first)
+        spool.remove(first)
+        spool.append([message(3)])  # while 1 and 2 wait for their fsync
+        disk.release.set()
+        committed(spool, 3)
+        deadline = time.monotonic() + 10
+        while rows(tmp_path) != [3] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rows(tmp_path) == [3]
+    finally:
+        disk.release.set()
+        spool.close()
+
+
 def test_many_appends_before_one_fsync_are_committed_by_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -298,7 +298,9 @@ class Spool:
             confirmed, returned = self._take_settled()
             done = [(s, size) for s, size in confirmed if s <= self._committed]
             early = {s for s, _ in confirmed if first <= s <= last}
-            later = [(s, size) for s, size in confirmed if s > last]
+            waiting = [
+                (s, size) for s, size in confirmed if s > self._committed and s not in early
+            ]  # written before this batch but not yet committed, or of a later batch
             fresh = [m for m in messages if m.sequence not in early]
             reserved = max(self._written_reserved, last + reserve)
             try:
@@ -317,7 +319,7 @@ class Spool:
             except sqlite3.Error as err:
                 self._put_back(confirmed, returned)
                 raise self._write_error(err) from err
-            self._put_back(later, [])
+            self._put_back(waiting, [])
             self._written, self._written_reserved = last, reserved
             self._bytes += sum(map(stored_size, fresh)) - sum(size for _, size in done)
             self._deleted += len(done) + len(early)
