@@ -572,7 +572,7 @@ class Spool:
 
     def _settle(self) -> None:
         """Commits what is written and deletes what is confirmed, for an exact count (at
-        startup and shutdown, not on the path of events)."""
+        startup, at shutdown and on a metrics scrape; never on the path of events)."""
         self._sync_now()
         self._delete_confirmed()
 
