@@ -269,6 +269,11 @@ def test_a_policys_alternate_exchange_keeps_unroutable_messages(
     assert broker.returned == 0
 
 
+STARTUP_MESSAGES = 7
+"""Capabilities, the resync of the one domain `test` (added, defined, started) and its
+snapshot bracket (begin, entry, end)."""
+
+
 def stop_after_returns(
     publisher: RunningPublisher, count: int, tmp_path: Path
 ) -> tuple[Broker, list[tuple[OutgoingMessage, int, str]]]:
@@ -300,7 +305,18 @@ def test_a_message_not_even_the_alternate_exchange_takes_is_returned_and_kept(
     with alternate_exchange_policy(exchange):
         publisher = publisher_factory()  # nothing is bound to the exchange
         connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        connection.channel().queue_delete(f"{exchange}.unroutable")
+        channel = connection.channel()
+        # Deleted only once the startup messages are in it: a quorum queue deleted while a
+        # publish routes to it crashes the publishing channel on the broker (541), and
+        # virtpub's reconnect would declare the queue again.
+        deadline = time.monotonic() + 15
+        while (
+            channel.queue_declare(f"{exchange}.unroutable", passive=True).method.message_count
+            < STARTUP_MESSAGES
+            and time.monotonic() < deadline
+        ):
+            connection.sleep(0.05)
+        channel.queue_delete(f"{exchange}.unroutable")
         connection.close()
         xml, dom_uuid = domain_xml("vm-returned")
         publisher.conn.defineXML(xml)
@@ -327,9 +343,7 @@ def test_without_an_alternate_exchange_unroutable_messages_are_returned_kept_and
     publisher = publisher_factory()
     xml, dom_uuid = domain_xml("vm-no-alternate")
     run_lifecycle(publisher.conn, xml)
-    # Startup: capabilities, the resync of the one domain `test` (added, defined, started)
-    # and its snapshot bracket (begin, entry, end); then the lifecycle's eight.
-    broker, kept = stop_after_returns(publisher, 7 + 8, tmp_path)
+    broker, kept = stop_after_returns(publisher, STARTUP_MESSAGES + 8, tmp_path)  # lifecycle: 8
     assert broker.counts()["returned"] == broker.returned == broker.published == len(kept)
     assert [m.sequence for m, _code, _text in kept] == list(range(1, len(kept) + 1))
     assert kept[0][0].routing_key == f"v1.{HOST_ID}.publisher.capabilities"
