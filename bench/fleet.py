@@ -148,7 +148,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         import matplotlib  # noqa: PLC0415 - only the plot needs it (pip install '.[bench]')
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - as above
     except ImportError:
         print("no plot: install the bench extra (pip install '.[bench]') for matplotlib")
         return

@@ -456,7 +456,7 @@ def _plot(latencies: list[float], path: Path, p50: float, p99: float) -> None:
         import matplotlib  # noqa: PLC0415 - only the plot needs it (pip install '.[bench]')
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - as above
     except ImportError:
         print("no plot: install the bench extra (pip install '.[bench]') for matplotlib")
         return

@@ -315,7 +315,10 @@ def start_spooling(
 
 def spool_bytes(state_dir: Path) -> int:
     """What the spool's messages take, counted as virtpub counts them against its bound."""
-    size = f"length(id) + length(routing_key) + length(type) + length(properties) + length(body) + {ROW_OVERHEAD}"  # noqa: E501
+    size = (
+        "length(id) + length(routing_key) + length(type) + length(properties) + length(body)"
+        f" + {ROW_OVERHEAD}"
+    )
     with sqlite3.connect(f"file:{state_dir / 'spool.sqlite3'}?mode=ro", uri=True) as db:
         return int(db.execute(f"SELECT TOTAL({size}) FROM messages").fetchone()[0])
 

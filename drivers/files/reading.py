@@ -15,7 +15,7 @@ from virtpub.drivers.files.rules import Config, Entry
 _NAME_NAMESPACE = uuid.UUID("5a426fdb-fbd6-4cf8-9a7f-8818ecfebf2f")
 
 
-def read_config(path: str) -> bytes | Rejection | None:
+def read_config(path: str) -> bytes | Rejection | None:  # noqa: PLR0911 - one return per kind of rejection
     """The file's bytes, a Rejection, or None when it does not exist.
 
     Symbolic links are refused, not followed: inotify on this directory would
