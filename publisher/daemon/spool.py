@@ -176,6 +176,9 @@ class Spool:
     for it (the reservation runs 1,000 sequences ahead)."""
     CHECKPOINT_EVERY = 5_000
     """Confirmed messages between two WAL checkpoints, which keep the WAL file small."""
+    WAL_SIZE_LIMIT = 8 << 20
+    """What the WAL file is cut back to when a checkpoint lets it start over: after a
+    backlog (a broker outage, say) it would otherwise keep its largest size for good."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -226,6 +229,7 @@ class Spool:
         db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute(f"PRAGMA journal_size_limit={self.WAL_SIZE_LIMIT}")
         return db
 
     @property
@@ -476,12 +480,23 @@ class Spool:
                 if due:
                     self._deleted = 0
             if due:
-                # On a connection of its own, without the lock: a checkpoint fsyncs the
-                # database, and appends must not wait for that.
-                try:
-                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as err:
-                    self._janitor_failed("could not checkpoint", err)
+                self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copies the WAL into the database, so the WAL starts over from its beginning.
+
+        First on a connection of its own, without the lock: the copy and its fsyncs take
+        milliseconds, and appends must not wait for them. Appends written meanwhile
+        keep that checkpoint from being complete, and the WAL only starts over after a
+        complete one (in a steady flood it grew by 21 MB every 25,000 messages, without end), so a
+        second one copies just those, under the lock (about 1 ms here).
+        """
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            with self._lock:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as err:
+            self._janitor_failed("could not checkpoint", err)
 
     def _delete_batch(self) -> None:
         """For when no append comes to take the confirmations along."""
