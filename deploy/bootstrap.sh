@@ -6,7 +6,8 @@
 #        host             the whole suite here (ARGS go to its pytest)
 #        debian13-broker  the broker tests against Debian 13's RabbitMQ 4.0, deprecated features denied
 #        debian13-python  the service-free tests on Debian 13's Python 3.13 and libvirt 11.3
-#      VIRTPUB_TEST_LEGS (default: all three, space-separated) picks legs; each one runs, and
+#        debian13-libvirtd  deploy/setup-host.sh on Debian 13, then QEMU guests on its libvirtd 11.3
+#      VIRTPUB_TEST_LEGS (default: all four, space-separated) picks legs; each one runs, and
 #      the command fails if any failed.
 #   bash deploy/bootstrap.sh run  [ARGS...]   set up, then `virtpub run ARGS...`
 #
@@ -68,13 +69,14 @@ case "$mode" in
         echo "[bootstrap] mypy --strict"
         mypy
         failed=()
-        for leg in ${VIRTPUB_TEST_LEGS:-host debian13-broker debian13-python}; do
+        for leg in ${VIRTPUB_TEST_LEGS:-host debian13-broker debian13-python debian13-libvirtd}; do
             began=$SECONDS
             echo "[bootstrap] leg $leg"
             case "$leg" in
                 host) python -m pytest "$@" ;;
                 debian13-broker) VIRTPUB_TEST_BROKER=debian13 python -m pytest "${debian13_broker_tests[@]}" ;;
-                debian13-python) python -m tests.debian13_python -q ;;
+                debian13-python) python -m tests.debian13 python -q ;;
+                debian13-libvirtd) python -m tests.debian13 libvirtd -q ;;
                 *) echo "[bootstrap] unknown leg $leg" >&2; false ;;
             esac || failed+=("$leg")
             echo "[bootstrap] leg $leg took $((SECONDS - began)) s"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a Debian 12 host to run and test virtpub (idempotent, run as root).
+# Prepare a Debian 12 or 13 host to run and test virtpub (idempotent, run as root).
 #
 #   1. apt packages (installed only if missing)
 #   2. RabbitMQ on 127.0.0.1:5672 (started only if not answering)

@@ -369,6 +369,16 @@ def assert_valid(message: Received) -> None:
 # -- a real libvirtd with QEMU ----------------------------------------------------------
 
 QEMU_URI = "qemu:///system"
+DEBIAN12_LIBVIRT = "9.0"
+"""The host's libvirt (Debian 12, the platform the README sets up)."""
+
+
+def expected_libvirt_release() -> str:
+    """The libvirt release (`major.minor`) this run must be on: Debian 12's, or the one a
+    Debian 13 leg names, so that the host's libvirt can't pass for another release's."""
+    return os.environ.get("VIRTPUB_TEST_EXPECT_LIBVIRT", DEBIAN12_LIBVIRT)
+
+
 GUEST_XML = """<domain type='qemu'>
   <name>{name}</name><uuid>{uuid}</uuid>
   <memory unit='MiB'>64</memory><vcpu>1</vcpu>

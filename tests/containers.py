@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -32,19 +33,19 @@ from typing import Self
 CACHE = Path(os.environ.get("VIRTPUB_ROOTFS_CACHE", "/var/cache/virtpub-test/rootfs"))
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "dbus", "ca-certificates")
-# One Debian 13 rootfs serves both of its CI legs: RabbitMQ 4.0 for the broker tests, and
-# Python 3.13 with libvirt 11.3's headers to build libvirt-python for the broker-free ones.
+SETUP_HOST = Path(__file__).resolve().parents[1] / "deploy/setup-host.sh"
+
+
+def setup_host_packages() -> tuple[str, ...]:
+    """The Debian packages deploy/setup-host.sh installs (its `PACKAGES=( ... )`)."""
+    match = re.search(r"^PACKAGES=\((.*?)^\)", SETUP_HOST.read_text(), re.MULTILINE | re.DOTALL)
+    if match is None:
+        raise ContainerError(f"no PACKAGES=( ... ) in {SETUP_HOST}")
+    lines = (line.split("#", 1)[0] for line in match.group(1).splitlines())
+    return tuple(name for line in lines for name in line.split())
+
+
 DEBIAN13 = "trixie"
-DEBIAN13_PACKAGES = (
-    "rabbitmq-server",
-    "python3",
-    "python3-venv",
-    "python3-dev",
-    "gcc",
-    "pkg-config",
-    "libvirt-dev",
-    "libvirt0",
-)
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CACHE = CACHE.parent / "pip-cache"
@@ -61,8 +62,15 @@ class ContainerError(RuntimeError):
     pass
 
 
+# One Debian 13 rootfs serves every Debian 13 leg: it holds what deploy/setup-host.sh
+# installs, so the script runs there as on a prepared Debian 13 host, installing nothing;
+# that is RabbitMQ 4.0 for the broker tests, Python 3.13 with libvirt 11.3's headers to
+# build libvirt-python, and libvirtd 11.3 with QEMU for the guests.
+DEBIAN13_PACKAGES = setup_host_packages()
+
+
 def rootfs(suite: str, packages: Sequence[str] = ()) -> Path:
-    """A Debian `suite` rootfs (minbase, systemd, dbus and `packages`), built once and cached.
+    """A Debian `suite` rootfs (minbase, systemd, dbus; then `packages`, by apt), cached.
 
     Keyed by suite and package set; built beside its final place and renamed into it, under
     a lock, so a build that dies halfway leaves nothing that looks finished.
@@ -78,27 +86,53 @@ def rootfs(suite: str, packages: Sequence[str] = ()) -> Path:
         building = Path(tempfile.mkdtemp(prefix=f".{suite}-{key}.", dir=CACHE))
         building.chmod(0o755)  # mkdtemp's 0700 would become the container's `/`
         try:
-            done = subprocess.run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(wanted)}",
-                    suite,
-                    str(building),
-                    MIRROR,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-                check=False,
-            )
-            if done.returncode != 0:
-                tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-                raise ContainerError(f"debootstrap {suite} failed ({done.returncode}): {tail}")
+            _run_build(
+                f"debootstrap {suite}",
+                ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+                 suite, str(building), MIRROR],
+            )  # fmt: skip
+            if packages:
+                _run_build(
+                    f"apt-get install in {suite}",
+                    ["unshare", "--mount", "--fork", "sh", "-c", _INSTALL_IN_ROOTFS,
+                     "install-in-rootfs", str(building), *sorted(set(packages))],
+                )  # fmt: skip
             building.rename(target)
         finally:
             shutil.rmtree(building, ignore_errors=True)
     return target
+
+
+# Installs packages into a new rootfs with apt, which orders their unpacking and set-up
+# (debootstrap's --include unpacks them in one dpkg batch, which fails once systemd and a
+# package that depends on it, such as cron-daemon-common, land in the same one). Its mounts
+# live in the command's own mount namespace; services are not started (policy-rc.d).
+_INSTALL_IN_ROOTFS = r"""
+set -eu
+root=$1
+shift
+mount --make-rprivate /
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount --rbind /sys "$root/sys"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 0755 "$root/usr/sbin/policy-rc.d"
+export DEBIAN_FRONTEND=noninteractive
+chroot "$root" apt-get -q update
+chroot "$root" apt-get -q -y --no-install-recommends install "$@"
+chroot "$root" apt-get clean
+rm "$root/usr/sbin/policy-rc.d"
+"""
+
+
+def _run_build(what: str, argv: Sequence[str]) -> None:
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+    )
+    if done.returncode != 0:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise ContainerError(f"{what} failed ({done.returncode}): {tail}")
 
 
 def _copy_tree(source: Path, dest: Path) -> None:

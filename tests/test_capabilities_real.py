@@ -1,7 +1,8 @@
 """Capabilities of real libvirt drivers: what the map says each one emits, as announced.
 
-`qemu:///system` and `lxc:///` are served by the libvirtd that `.ci/run` starts;
-`test:///default` is in-process. Each must announce exactly its map row.
+`qemu:///system` and `lxc:///` are served by the libvirtd that `.ci/run` starts (Debian
+12's on the host leg, Debian 13's in the debian13-libvirtd leg); `test:///default` is
+in-process. Each must announce exactly its map row, for the release the leg is on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.conftest import QEMU_URI, Consumer, RunningPublisher, assert_valid
+from tests.conftest import (
+    QEMU_URI,
+    Consumer,
+    RunningPublisher,
+    assert_valid,
+    expected_libvirt_release,
+)
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.capabilities import DERIVED, POLLABLE
 from virtpub.drivers.libvirt.events import Catalog
@@ -38,6 +45,8 @@ def test_a_real_driver_announces_its_row_of_the_map(
             driver_type, version = conn.getType(), conn.getLibVersion()
         finally:
             conn.close()
+    release = capability_map.format_libvirt_version(version)
+    assert release.startswith(f"{expected_libvirt_release()}."), f"{uri} is on libvirt {release}"
     row = capability_map.lookup(driver_type, version)
     assert row is not None, f"{driver_type} {version} must be covered by the map"
     assert backend["hypervisor"]["type"] == driver_type

@@ -27,6 +27,7 @@ from tests.conftest import (
     Received,
     RunningPublisher,
     assert_valid,
+    expected_libvirt_release,
     guest_xml,
     open_qemu,
     restart_libvirtd,
@@ -251,6 +252,15 @@ def test_rename_keeps_the_uuid(
     assert all(m.body["data"]["persistent"] for m in ours)
 
 
+SAVE_REPORTED_AS = {
+    "9.0": ["stopped.saved"],
+    "11.3": ["shutdown.host", "stopped.saved"],
+}
+"""What saving a running guest emits, per libvirt release of the legs (with its Debian's
+QEMU): libvirt 11.3 with QEMU 10.0 also reports QEMU's exit after the save as a shutdown
+by the host; libvirt 9.0 with QEMU 7.2 does not."""
+
+
 def test_saved_domains_persistent_stays_transient_goes_and_restore_adds_it_again(
     qemu: Any,
     tmp_path: Path,
@@ -278,13 +288,14 @@ def test_saved_domains_persistent_stays_transient_goes_and_restore_adds_it_again
     progress = {"migration_iteration", "job_completed"}
     persistent = [e for e in of(messages, persistent_uuid) if e not in progress]
     transient = [e for e in of(messages, transient_uuid) if e not in progress]
+    saved = SAVE_REPORTED_AS[expected_libvirt_release()]
     assert persistent == [
         "added.defined", "defined.added", "resumed.unpaused", "started.booted",
-        "suspended.paused", "stopped.saved",
+        "suspended.paused", *saved,
     ]  # fmt: skip
     assert transient == [
         "added.started", "resumed.unpaused", "started.booted", "suspended.paused",
-        "stopped.saved", "removed.stopped",
+        *saved, "removed.stopped",
         "added.started", "started.restored", "resumed.from_snapshot",
         "shutdown.host", "stopped.destroyed", "removed.stopped",
     ]  # fmt: skip

@@ -8,12 +8,12 @@ subscribed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 
+from tests.conftest import expected_libvirt_release
 from virtpub.core.capabilities import BackendCapabilities
 from virtpub.drivers.libvirt import capability_map
 from virtpub.drivers.libvirt.domain import LibvirtDomainDriver, binding_version
@@ -76,14 +76,10 @@ def test_a_withheld_event_id_is_unsupported_with_the_binding_defect_as_reason() 
         assert vcpu.reason != support.reason
 
 
-DEBIAN12_LIBVIRT = "9.0"
-"""The host's libvirt (Debian 12, the platform the README sets up)."""
-
-
 def test_the_leg_runs_on_the_libvirt_it_was_made_for() -> None:
-    """The Debian 13 leg sets the release it expects, so a host libvirt can't pass for it;
+    """A Debian 13 leg sets the release it expects, so a host libvirt can't pass for it;
     elsewhere it is Debian 12's."""
-    expected = os.environ.get("VIRTPUB_TEST_EXPECT_LIBVIRT", DEBIAN12_LIBVIRT)
+    expected = expected_libvirt_release()
     running = capability_map.format_libvirt_version(libvirt.getVersion())
     assert running.startswith(f"{expected}."), running
     row = capability_map.lookup("TEST", libvirt.getVersion())
