@@ -28,7 +28,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from tests import containers
 
@@ -58,10 +60,6 @@ LIBVIRTD_TESTS = (
 against their map rows, and the existence model across restarts of virtpub and libvirtd.
 Not the seeded random runs: 90 s each, they test the model more than the release, and
 the host leg runs them."""
-PREPARE = {
-    "python": ":",
-    "libvirtd": 'bash "$1/deploy/setup-host.sh"',
-}
 LEG = """\
 set -eu
 {prepare}
@@ -84,23 +82,45 @@ exit $code
 """
 
 
+class Leg(NamedTuple):
+    """What sets one Debian 13 leg apart; the rest of the run is the same for every leg."""
+
+    prepare: str
+    """Shell run in the rootfs before the virtualenv is made."""
+    selection: tuple[str, ...]
+    """pytest's arguments that pick the leg's tests."""
+    env: Mapping[str, str]
+    """What the leg's environment adds."""
+
+
+LEGS = {
+    "python": Leg(
+        prepare=":",
+        selection=("-m", SERVICE_FREE),
+        # A test that reaches for the broker despite its marks fails instead of passing.
+        env={"VIRTPUB_TEST_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"},
+    ),
+    "libvirtd": Leg(prepare='bash "$1/deploy/setup-host.sh"', selection=LIBVIRTD_TESTS, env={}),
+}
+
+
 def main(args: list[str]) -> int:
-    if not args or args[0] not in PREPARE:
-        print(f"usage: python -m tests.debian13 {'|'.join(PREPARE)} [PYTEST ARGS...]")
+    if not args or args[0] not in LEGS:
+        print(f"usage: python -m tests.debian13 {'|'.join(LEGS)} [PYTEST ARGS...]")
         return 2
-    leg, pytest_args = args[0], args[1:]
-    selection = ["-m", SERVICE_FREE] if leg == "python" else list(LIBVIRTD_TESTS)
+    name, pytest_args = args[0], args[1:]
+    leg = LEGS[name]
     began = time.monotonic()
     try:
         root = containers.rootfs(containers.DEBIAN13, containers.DEBIAN13_PACKAGES)
     except containers.ContainerError as err:
-        print(f"[debian13 {leg}] no rootfs: {err}", flush=True)
+        print(f"[debian13 {name}] no rootfs: {err}", flush=True)
         return 1
     containers.PIP_CACHE.mkdir(parents=True, exist_ok=True)
-    script = LEG.format(prepare=PREPARE[leg])
+    script = LEG.format(prepare=leg.prepare)
     command = containers.in_rootfs(
         root,
-        ["bash", "-c", script, "leg", str(CHECKOUT), *selection, *pytest_args],
+        ["bash", "-c", script, "leg", str(CHECKOUT), *leg.selection, *pytest_args],
         binds=[containers.PIP_CACHE],
         read_only=[CHECKOUT, *(path for path in HOST_PIP_PATHS if path.exists())],
         cwd=CHECKOUT,
@@ -113,12 +133,10 @@ def main(args: list[str]) -> int:
         "PYTHONDONTWRITEBYTECODE": "1",  # the checkout is read-only
         # The libvirt tests check they really run on Debian 13's libvirt, not the host's.
         "VIRTPUB_TEST_EXPECT_LIBVIRT": DEBIAN13_LIBVIRT,
+        **leg.env,
     }
-    if leg == "python":
-        # A test that reaches for the broker despite its marks fails instead of passing.
-        env["VIRTPUB_TEST_AMQP_URL"] = "amqp://guest:guest@127.0.0.1:1/%2F"
     code = subprocess.run(command, env=env, check=False).returncode
-    print(f"[debian13 {leg}] exit {code} after {time.monotonic() - began:.0f} s", flush=True)
+    print(f"[debian13 {name}] exit {code} after {time.monotonic() - began:.0f} s", flush=True)
     return code
 
 

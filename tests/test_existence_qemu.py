@@ -21,6 +21,7 @@ import libvirt
 import pytest
 
 from tests.conftest import (
+    DEBIAN12_LIBVIRT,
     HOST_ID,
     QEMU_URI,
     Consumer,
@@ -32,6 +33,7 @@ from tests.conftest import (
     open_qemu,
     restart_libvirtd,
 )
+from tests.debian13 import DEBIAN13_LIBVIRT
 from virtpub.consumer import Inventory
 from virtpub.drivers.libvirt.events import Catalog
 
@@ -253,8 +255,8 @@ def test_rename_keeps_the_uuid(
 
 
 SAVE_REPORTED_AS = {
-    "9.0": ["stopped.saved"],
-    "11.3": ["shutdown.host", "stopped.saved"],
+    DEBIAN12_LIBVIRT: ["stopped.saved"],
+    DEBIAN13_LIBVIRT: ["shutdown.host", "stopped.saved"],
 }
 """What saving a running guest emits, per libvirt release of the legs (with its Debian's
 QEMU): libvirt 11.3 with QEMU 10.0 also reports QEMU's exit after the save as a shutdown
