@@ -174,11 +174,16 @@ class Spool:
     1,000 events a second an fsync each kept the disk busy most of the time, and the
     broker's own fsyncs (its confirms) queued behind them. Publishing does not wait
     for it (the reservation runs 1,000 sequences ahead)."""
-    CHECKPOINT_EVERY = 5_000
-    """Confirmed messages between two WAL checkpoints, which keep the WAL file small."""
+    CHECKPOINT_BYTES = 4 << 20
+    """WAL size at which the janitor checkpoints, so the WAL starts over from its beginning
+    and its file stays about this big. A message takes four pages of WAL (16 KB) when
+    each is its own transaction, as at 1,000 events a second: a checkpoint every 5,000
+    confirmations let it reach 80-140 MB."""
     WAL_SIZE_LIMIT = 8 << 20
-    """What the WAL file is cut back to when a checkpoint lets it start over: after a
-    backlog (a broker outage, say) it would otherwise keep its largest size for good."""
+    """A WAL file bigger than this after a checkpoint (one huge transaction made it so) is
+    cut back to nothing by the janitor. Appends never cut it: SQLite's own limit
+    (`journal_size_limit`) truncates in the first commit after the WAL starts over, and
+    that commit, an append, took 20-40 ms to cut 80 MB, the pipeline stalled behind it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -188,7 +193,6 @@ class Spool:
         self._returned: list[Returned] = []
         self._confirmed_lock = threading.Lock()
         self._janitor_lock = threading.Lock()
-        self._deleted = 0
         self._janitor_failing = False
         self._wake = threading.Event()
         self._closing = False
@@ -200,9 +204,11 @@ class Spool:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect("NORMAL")
-            # Checkpoints copy the WAL into the database and fsync it: the janitor runs them,
-            # so no append waits for one.
+            # Checkpoints copy the WAL into the database and fsync it, and cutting the WAL
+            # file back waits for its pages' writeback: the janitor does both, so no
+            # append waits for either.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute("PRAGMA journal_size_limit=-1")
             self._db.executescript(_SCHEMA)
             row = self._db.execute(f"SELECT TOTAL({_STORED_SIZE_SQL}) FROM messages").fetchone()
             self._bytes = int(row[0])
@@ -229,7 +235,6 @@ class Spool:
         db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
-        db.execute(f"PRAGMA journal_size_limit={self.WAL_SIZE_LIMIT}")
         return db
 
     @property
@@ -326,7 +331,6 @@ class Spool:
             self._put_back(waiting, [])
             self._written, self._written_reserved = last, reserved
             self._bytes += sum(map(stored_size, fresh)) - sum(size for _, size in done)
-            self._deleted += len(done) + len(early)
         self._sync_wake.set()
 
     def release_reservation(self) -> None:
@@ -475,12 +479,14 @@ class Spool:
     def _delete_confirmed(self) -> None:
         with self._janitor_lock:
             self._delete_batch()
-            with self._lock:
-                due, self._deleted = self._deleted >= self.CHECKPOINT_EVERY, self._deleted
-                if due:
-                    self._deleted = 0
-            if due:
+            if self._wal_bytes() >= self.CHECKPOINT_BYTES:
                 self._checkpoint()
+
+    def _wal_bytes(self) -> int:
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0  # checkpointed whole and removed
 
     def _checkpoint(self) -> None:
         """Copies the WAL into the database, so the WAL starts over from its beginning.
@@ -488,13 +494,16 @@ class Spool:
         First on a connection of its own, without the lock: the copy and its fsyncs take
         milliseconds, and appends must not wait for them. Appends written meanwhile
         keep that checkpoint from being complete, and the WAL only starts over after a
-        complete one (in a steady flood it grew by 21 MB every 25,000 messages, without end), so a
-        second one copies just those, under the lock (about 1 ms here).
+        complete one (in a steady flood it grew by 21 MB every 25,000 messages, without
+        end), so a second one copies just those, under the lock (about 1 ms here); it
+        also cuts back a WAL file that outgrew WAL_SIZE_LIMIT.
         """
         try:
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             with self._lock:
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                oversized = self._wal_bytes() > self.WAL_SIZE_LIMIT
+                mode = "TRUNCATE" if oversized else "PASSIVE"
+                self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})")
         except sqlite3.Error as err:
             self._janitor_failed("could not checkpoint", err)
 
@@ -522,7 +531,6 @@ class Spool:
                         self._db.execute("ROLLBACK")
                 self._put_back(waiting, [])
                 self._bytes -= sum(size for _, size in done)
-                self._deleted += len(done)
         except sqlite3.Error as err:
             # The confirmations stay listed, and the next sweep or append tries again.
             self._janitor_failed("could not delete confirmed messages", err)
