@@ -174,16 +174,21 @@ class Spool:
     1,000 events a second an fsync each kept the disk busy most of the time, and the
     broker's own fsyncs (its confirms) queued behind them. Publishing does not wait
     for it (the reservation runs 1,000 sequences ahead)."""
-    CHECKPOINT_BYTES = 4 << 20
-    """WAL size at which the janitor checkpoints, so the WAL starts over from its beginning
-    and its file stays about this big. A message takes four pages of WAL (16 KB) when
-    each is its own transaction, as at 1,000 events a second: a checkpoint every 5,000
-    confirmations let it reach 80-140 MB."""
-    WAL_SIZE_LIMIT = 8 << 20
-    """A WAL file bigger than this after a checkpoint (one huge transaction made it so) is
-    cut back to nothing by the janitor. Appends never cut it: SQLite's own limit
-    (`journal_size_limit`) truncates in the first commit after the WAL starts over, and
-    that commit, an append, took 20-40 ms to cut 80 MB, the pipeline stalled behind it."""
+    CHECKPOINT_PERIOD_S = 0.25
+    """How often the janitor checkpoints while messages flow, so the WAL starts over from its
+    beginning: its file then holds about what this period writes (4 MB at 1,000 events
+    a second, a message taking four pages of WAL when each is its own transaction, 20 MB
+    in a tight loop of appends; a checkpoint every 5,000 confirmations let it reach
+    80-140 MB at 1,000 a second). By time, not by size: the WAL's file only ever grows,
+    and what it holds since it started over is known only inside SQLite (reading it
+    from the -shm file here opens and closes that file, which drops SQLite's POSIX
+    locks on it: the process died of SIGBUS)."""
+    WAL_SIZE_LIMIT = 64 << 20
+    """A WAL file bigger than this at a checkpoint (a flood's or a huge transaction's) is cut
+    back to nothing by the janitor, once: it would otherwise keep its largest size.
+    Appends never cut it: SQLite's own limit (`journal_size_limit`) truncates in the
+    first commit after the WAL starts over, and that commit, an append, took 20-40 ms
+    to cut 80 MB, the pipeline stalled behind it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -201,6 +206,7 @@ class Spool:
         self._sync_failing = False
         self._on_durable: Callable[[], None] = _nothing
         self._wal = Path(f"{path}-wal")
+        self._checkpointed_at = 0.0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect("NORMAL")
@@ -479,10 +485,13 @@ class Spool:
     def _delete_confirmed(self) -> None:
         with self._janitor_lock:
             self._delete_batch()
-            if self._wal_bytes() >= self.CHECKPOINT_BYTES:
+            now = time.monotonic()
+            if now - self._checkpointed_at >= self.CHECKPOINT_PERIOD_S:
+                self._checkpointed_at = now
                 self._checkpoint()
 
     def _wal_bytes(self) -> int:
+        """What the WAL file takes on disk."""
         try:
             return self._wal.stat().st_size
         except OSError:
