@@ -657,7 +657,7 @@ def test_a_full_state_filesystem_holds_events_and_recovers_when_space_returns(
             held = spooled_sequence(state)
             time.sleep(3)
             assert spooled_sequence(state) == held, "a full spool must take no new events"
-            assert held < STARTUP + burst, "the disk filled only after the burst"
+            assert held < STARTUP + burst, "the burst ended before the disk filled"
             assert virtpub.poll() is None, "a full disk must not stop virtpub"
             stalled_for = time.monotonic() - filled
             filler.unlink()
